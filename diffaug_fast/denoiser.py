@@ -1,0 +1,325 @@
+"""Loading OpenAI diffusion checkpoints into our UNet, safely and without doubling RAM.
+
+A released checkpoint is an untrusted file: it is read with ``torch.load(weights_only=True)`` (or as
+.safetensors), never unpickled freely. The model is built on the meta device and the checkpoint's
+tensors are assigned into it, so a 2.2 GB float32 checkpoint read through ``mmap`` costs its page
+cache, not twice its size in private memory.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .schedule import Schedule
+from .unet import PRESETS, UNet, UNetConfig, get_preset
+
+__all__ = ["Denoiser", "load_denoiser", "CheckpointError", "infer_config", "read_state_dict"]
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is unsafe, or does not fit the requested architecture."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state_dict from .pt/.pth (weights_only, mmap when possible) or .safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is an empty file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable .safetensors file: {e}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses any pickle that would import or call code: say so, never retry unsafely.
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain tensor state_dict and loading it would execute "
+            f"code from the file (torch.load weights_only=True rejected it: {str(e).splitlines()[0]})"
+        ) from None
+    except RuntimeError as e:
+        if "mmap" not in str(e) and "zip" not in str(e).lower():
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        try:  # legacy (pre-zip) serialization cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e2:  # noqa: BLE001 - reported to the user with the file name
+            raise CheckpointError(f"cannot read checkpoint {path}: {e2}") from None
+    except (EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {e}") from None
+    return _as_state_dict(obj, str(path))
+
+
+def _as_state_dict(obj, where: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "ema"):  # wrapped training checkpoints
+            if key in obj and isinstance(obj[key], Mapping) and "out.2.weight" in obj[key]:
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{where} does not hold a state_dict (a mapping of names to tensors)")
+    sd = {k.removeprefix("module."): v for k, v in obj.items()}
+    if "input_blocks.0.0.weight" not in sd or "out.2.weight" not in sd:
+        raise CheckpointError(
+            f"{where} is not an ADM UNet state_dict (no 'input_blocks.0.0.weight' / 'out.2.weight'); "
+            f"first keys: {list(sd)[:5]}"
+        )
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------------
+# architecture checks and inference
+
+
+def _expected_shapes(config: UNetConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = UNet(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state_dict(sd: StateDict, config: UNetConfig, name: str = "the requested architecture") -> None:
+    """Raise CheckpointError naming missing / unexpected keys and wrong shapes, if any."""
+    want = _expected_shapes(config)
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {want[k]}" for k in want if k in sd
+             and tuple(sd[k].shape) != want[k]]
+    if not (missing or unexpected or wrong):
+        return
+
+    def show(items: list[str]) -> str:
+        more = f" ... (+{len(items) - 8} more)" if len(items) > 8 else ""
+        return "\n    " + "\n    ".join(items[:8]) + more
+
+    parts = [f"checkpoint does not match {name}:"]
+    if missing:
+        parts.append(f"  {len(missing)} missing keys:{show(missing)}")
+    if unexpected:
+        parts.append(f"  {len(unexpected)} unexpected keys:{show(unexpected)}")
+    if wrong:
+        parts.append(f"  {len(wrong)} wrong shapes:{show(wrong)}")
+    guess = _matching_preset(sd)
+    parts.append(f"  (the checkpoint looks like preset {guess!r})" if guess else
+                 "  (pass preset=None to infer the architecture from the checkpoint)")
+    raise CheckpointError("\n".join(parts))
+
+
+def _block_keys(sd: StateDict, prefix: str) -> set[str]:
+    return {k[len(prefix):] for k in sd if k.startswith(prefix)}
+
+
+def _count_blocks(sd: StateDict, prefix: str) -> int:
+    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    return max(idx) + 1 if idx else 0
+
+
+def _candidate_configs(sd: StateDict):
+    """Every UNetConfig consistent with the key structure of ``sd`` (heads cannot be seen in shapes)."""
+    mc = sd["time_embed.0.weight"].shape[1]
+    in_ch = sd["input_blocks.0.0.weight"].shape[1]
+    out_ch = sd["out.2.weight"].shape[0]
+    n_out = _count_blocks(sd, "output_blocks.")
+    conv_resample = any(".op.weight" in k for k in sd) or any(k.endswith(".conv.weight") for k in sd)
+    resblock_updown = any(
+        f"output_blocks.{i}.{j}.in_layers.0.weight" in sd and f"output_blocks.{i}.0.in_layers.0.weight" in sd
+        for i in range(n_out) for j in (1, 2)
+    )
+    num_classes = sd["label_emb.weight"].shape[0] if "label_emb.weight" in sd else None
+    scale_shift_key = "input_blocks.1.0.emb_layers.1.weight"
+    for levels in range(1, 9):
+        if n_out % levels:
+            continue
+        nrb = n_out // levels - 1
+        if nrb < 1:
+            continue
+        mult, attn = [], set()
+        try:
+            for level in range(levels):
+                first = 1 + level * (nrb + 1)
+                mult.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] / mc)
+                if f"input_blocks.{first}.1.qkv.weight" in sd:
+                    attn.add(2**level)
+            scale_shift = sd[scale_shift_key].shape[0] == 2 * sd["input_blocks.1.0.out_layers.3.weight"].shape[0]
+        except KeyError:
+            continue
+        mult = tuple(int(m) if float(m).is_integer() else m for m in mult)
+        yield UNetConfig(
+            model_channels=mc, num_res_blocks=nrb, channel_mult=mult, attention_ds=tuple(sorted(attn)),
+            in_channels=in_ch, out_channels=out_ch, use_scale_shift_norm=scale_shift,
+            resblock_updown=resblock_updown, conv_resample=conv_resample, num_classes=num_classes,
+        )
+
+
+_ARCH_FIELDS = ("model_channels", "num_res_blocks", "channel_mult", "attention_ds", "in_channels", "out_channels",
+                "use_scale_shift_norm", "resblock_updown", "num_classes")
+
+
+def _same_arch(a: UNetConfig, b: UNetConfig) -> bool:
+    return all(getattr(a, f) == getattr(b, f) for f in _ARCH_FIELDS) and (
+        a.resblock_updown or a.conv_resample == b.conv_resample
+    )
+
+
+def _matching_preset(sd: StateDict) -> str | None:
+    try:
+        for cand in _candidate_configs(sd):
+            for name, preset in PRESETS.items():
+                if _same_arch(cand, preset) and _expected_shapes(preset) == {k: tuple(v.shape) for k, v in sd.items()}:
+                    return name
+    except KeyError:
+        return None
+    return None
+
+
+def infer_config(sd: StateDict) -> tuple[UNetConfig, str]:
+    """The architecture of a state_dict, and its name: a preset's when one matches exactly.
+
+    Head counts, attention order and the diffusion schedule are not visible in weights; when no preset
+    matches, they follow the family's released defaults (guided-diffusion: 64 channels per head, linear
+    1000 steps; improved-diffusion: 4 heads, cosine 4000 steps, rescaled t), with a warning.
+    """
+    name = _matching_preset(sd)
+    if name is not None:
+        return PRESETS[name], name
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    for cand in _candidate_configs(sd):
+        if cand.resblock_updown:
+            heads = dict(num_head_channels=64 if all(int(m * cand.model_channels) % 64 == 0 for m in cand.channel_mult)
+                         else -1, num_heads=4)
+            cfg = replace(cand, **heads, family="guided-diffusion")
+        else:
+            cfg = replace(cand, num_heads=4, noise_schedule="cosine", diffusion_steps=4000, rescale_timesteps=True,
+                          family="improved-diffusion")
+        try:
+            if _expected_shapes(cfg) == shapes:
+                warnings.warn(
+                    f"checkpoint matches no preset; inferred a {cfg.family} UNet (model_channels={cfg.model_channels}, "
+                    f"channel_mult={cfg.channel_mult}, num_res_blocks={cfg.num_res_blocks}). Head count and noise "
+                    f"schedule are assumed ({cfg.num_head_channels=}, {cfg.num_heads=}, {cfg.noise_schedule} "
+                    f"{cfg.diffusion_steps}): pass preset= or schedule= if they differ.",
+                    stacklevel=3,
+                )
+                return cfg, "custom"
+        except ValueError:
+            continue
+    raise CheckpointError(
+        "could not infer an ADM UNet architecture from this state_dict "
+        f"({len(sd)} tensors, {_count_blocks(sd, 'input_blocks.')} input blocks); pass preset= explicitly"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+class Denoiser(nn.Module):
+    """A frozen ADM UNet with its schedule and timestep convention.
+
+    ``forward(x_t [B, 3, H, W] float, t [B] int64) -> [B, out_channels, H, W]`` float32, the raw UNet
+    output (eps in the first 3 channels). The UNet is in eval mode with requires_grad=False.
+    """
+
+    def __init__(self, unet: UNet, schedule: Schedule | None = None, name: str = "custom"):
+        super().__init__()
+        self.unet = unet.eval().requires_grad_(False)
+        self.config = unet.config
+        self.schedule = schedule or unet.config.schedule()
+        self.name = name
+        self.source = "state_dict"
+        self.eval()
+
+    def train(self, mode: bool = True) -> Denoiser:
+        """Always stays in eval mode (dropout off), even inside a parent module switched to train()."""
+        return super().train(False)
+
+    @property
+    def total_downsampling(self) -> int:
+        return self.config.total_downsampling
+
+    @property
+    def num_steps(self) -> int:
+        return self.schedule.num_steps
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.out[2].weight.device
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, self.schedule.model_timesteps(t))
+
+    def extra_repr(self) -> str:
+        s = self.schedule
+        return (f"name={self.name!r}, family={self.config.family!r}, schedule={s.name} {s.num_steps} steps, "
+                f"t_input={'float t*1000/T' if s.rescale_timesteps else 'integer t'}, dtype={self.dtype}")
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def load_denoiser(
+    checkpoint: str | os.PathLike | StateDict,
+    preset: str | UNetConfig | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    schedule: Schedule | None = None,
+) -> Denoiser:
+    """Load an OpenAI ADM checkpoint (guided-diffusion or improved-diffusion) into our UNet.
+
+    checkpoint: path to a .pt/.pth state_dict (read with weights_only=True) or .safetensors, or a state_dict.
+    preset: a name from ``PRESETS``, a ``UNetConfig``, or None to infer the architecture from the weights.
+    dtype: float32, or float16/bfloat16 for the block convolutions (GroupNorm, the timestep MLP and the
+    output layer stay float32, as guided-diffusion's fp16 mode does).
+    schedule: override the preset's noise schedule / timestep convention.
+    """
+    if dtype not in (torch.float32, *_LOW_PRECISION):
+        raise TypeError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+    where = "state_dict"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        where = str(checkpoint)
+        sd = read_state_dict(checkpoint)
+    elif isinstance(checkpoint, Mapping):
+        sd = _as_state_dict(checkpoint, "the given mapping")
+    else:
+        raise TypeError(f"checkpoint must be a path or a state_dict, got {type(checkpoint).__name__}")
+
+    if preset is None:
+        config, name = infer_config(sd)
+    elif isinstance(preset, UNetConfig):
+        config, name = preset, "custom"
+    else:
+        config, name = get_preset(preset), preset
+    check_state_dict(sd, config, f"preset {name!r}" if name != "custom" else "the given UNetConfig")
+
+    with torch.device("meta"):
+        unet = UNet(config)
+    # assign=True adopts the checkpoint's (possibly memory-mapped) tensors instead of copying into fresh ones.
+    unet.load_state_dict(sd, strict=True, assign=True)
+    unet = unet.to(device=device, dtype=torch.float32)  # a no-op for float32 (mmapped) CPU tensors
+    if dtype in _LOW_PRECISION:
+        unet.set_compute_dtype(dtype)
+    den = Denoiser(unet, schedule, name)
+    den.source = where
+    return den

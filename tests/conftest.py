@@ -1,0 +1,77 @@
+"""Shared test helpers: the guided_diffusion oracle built from our configs, random official checkpoints."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from diffaug_fast.unet import UNetConfig
+
+warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
+
+
+def oracle_model_and_diffusion(cfg: UNetConfig):
+    """OpenAI's UNetModel + SpacedDiffusion configured like ``cfg`` (the independent reference)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from guided_diffusion.script_util import create_gaussian_diffusion
+        from guided_diffusion.unet import UNetModel
+
+    model = UNetModel(
+        image_size=cfg.image_size,
+        in_channels=cfg.in_channels,
+        model_channels=cfg.model_channels,
+        out_channels=cfg.out_channels,
+        num_res_blocks=cfg.num_res_blocks,
+        attention_resolutions=cfg.attention_ds,
+        dropout=cfg.dropout,
+        channel_mult=cfg.channel_mult,
+        conv_resample=cfg.conv_resample,
+        num_classes=cfg.num_classes,
+        num_heads=cfg.num_heads,
+        num_head_channels=cfg.num_head_channels,
+        num_heads_upsample=cfg.num_heads_upsample,
+        use_scale_shift_norm=cfg.use_scale_shift_norm,
+        resblock_updown=cfg.resblock_updown,
+        use_new_attention_order=cfg.use_new_attention_order,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=cfg.diffusion_steps,
+        learn_sigma=cfg.learn_sigma,
+        noise_schedule=cfg.noise_schedule,
+        rescale_timesteps=cfg.rescale_timesteps,
+    )
+    return model.eval(), diffusion
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter random values: OpenAI zero-initialises the last conv of each branch, which
+    would make the output identically 0 and a parity test unable to fail. GroupNorm affine is perturbed
+    too, so scale/shift mix-ups show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in name or name.endswith(("in_layers.0.weight", "out_layers.0.weight",
+                                                                  "out.0.weight", "in_layers.0.bias",
+                                                                  "out_layers.0.bias", "out.0.bias"))):
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+                bound = 1.0 / fan_in**0.5
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
+    return model
+
+
+@pytest.fixture
+def tmp_ckpt(tmp_path):
+    """Save a state_dict the way the official checkpoints are saved (plain torch.save of state_dict())."""
+
+    def save(model: torch.nn.Module, name: str = "model.pt"):
+        path = tmp_path / name
+        torch.save(model.state_dict(), path)
+        return path
+
+    return save
