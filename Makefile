@@ -1,0 +1,35 @@
+# The README's commands. Each target sets itself up: a venv in .venv (created if missing), the pinned
+# requirements, and the package (editable; the C++/CUDA extension is built when a toolkit is found).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.diffaug-setup
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# pytest exits 5 when it collects nothing: that is not a failure of the code, every other code is.
+test: setup
+	@$(BIN)/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+
+demo: setup
+	$(BIN)/python -m diffaug_fast.demo
+
+bench: setup
+	$(BIN)/python -m pytest bench/ --benchmark-only
+
+lint: setup
+	$(BIN)/ruff check diffaug_fast tests bench train
+
+clean:
+	rm -rf build *.egg-info demo_out .pytest_cache .benchmarks
