@@ -72,7 +72,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def _as_state_dict(obj, where: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model", "ema"):  # wrapped training checkpoints
-            if key in obj and isinstance(obj[key], Mapping) and "out.2.weight" in obj[key]:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and any(k.removeprefix("module.") == "out.2.weight" for k in inner):
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
