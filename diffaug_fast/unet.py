@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.winograd import WinogradConv2d, winograd_supported
 from .schedule import Schedule, make_schedule
 
-__all__ = ["UNetConfig", "UNet", "PRESETS", "get_preset", "timestep_embedding"]
+__all__ = ["UNetConfig", "UNet", "PRESETS", "get_preset", "timestep_embedding", "CONV_ALGOS"]
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,9 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), 32, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
+CONV_ALGOS = ("direct", "winograd")
+
+
 def _nearest_up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
@@ -295,6 +299,8 @@ class UNet(nn.Module):
         mc = cfg.model_channels
         emb_dim = 4 * mc
         self.compute_dtype = torch.float32
+        self.eps_only = False  # set by Denoiser(eps_only=True): `out` computes only the eps channels
+        self.conv_algo = "direct"
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
@@ -365,6 +371,26 @@ class UNet(nn.Module):
         self.compute_dtype = dtype
         return self
 
+    def set_conv_algo(self, algo: str, min_hw: int = 56 * 56) -> UNet:
+        """Choose how the stride-1 3x3 float32 convolutions run on CPU.
+
+        "direct": oneDNN/ATen direct convolution (float32 rounding, the default).
+        "winograd": NNPACK's Winograd F(6x6, 3x3) for maps with H*W >= ``min_hw`` (where it wins, see
+        bench/NOTES.md); ~5x the float32 rounding error of direct convolution, far inside the bf16/fp16
+        reference's error. The state_dict is unchanged (the class of each conv is swapped in place).
+        """
+        if algo not in CONV_ALGOS:
+            raise ValueError(f"conv_algo must be one of {CONV_ALGOS}, got {algo!r}")
+        if algo == "winograd" and not winograd_supported():
+            raise RuntimeError("conv_algo='winograd' needs PyTorch built with NNPACK (torch._nnpack_available())")
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1):
+                m.__class__ = WinogradConv2d if algo == "winograd" else nn.Conv2d
+                if algo == "winograd":
+                    m.min_hw = min_hw
+        self.conv_algo = algo
+        return self
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels))
@@ -380,7 +406,12 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.float())
+        if not self.eps_only:
+            return self.out(h.float())
+        # Only the eps rows of the final conv: DiffAug never reads the variance channels.
+        norm, act, conv = self.out
+        c = cfg.in_channels
+        return conv._conv_forward(act(norm(h.float())), conv.weight[:c], conv.bias[:c])
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,0 +1,173 @@
+"""UNet inference: the DiffAug reference path against our Denoiser modes, same input, same run.
+
+Reference: guided_diffusion's UNetModel called the way the DiffAug reference code calls it,
+``diffusion.p_sample(model, x_t, t, clip_denoised=True)['pred_xstart']`` (fp32; fp16 = convert_to_fp16 under
+autocast; bf16 = the same with bfloat16). Ours: ``Denoiser(x_t, t)`` + the x0 step (``ops.reference``).
+
+Reported per case (extra_info and a table at the end): img/s, GFLOP/s (FLOPs of the full UNet forward,
+counted once with torch.utils.flop_counter on the meta device, the same figure for every case, so
+"effective" GFLOP/s for Winograd), the fraction of this machine's peak for the case's dtype measured in the
+same run (best of a 2048^3 matmul and a 256-channel 3x3 conv at 56x56), the speed-up over the reference fp32
+path, and the error of pred_xstart against the reference fp32 output (relative L2).
+
+Run:  python -m pytest bench/bench_unet.py --benchmark-only -k adm-small
+      python -m pytest bench/bench_unet.py --benchmark-only -k adm256       (heavy: ~12 s per fp32 image)
+adm256's low-precision cases take minutes per image on CPUs without bf16/fp16 units; they run only with
+DIFFAUG_BENCH_ALL=1 (the adm-small cases show the same ratios).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import oracle_model_and_diffusion, randomize_  # noqa: E402
+
+import diffaug_fast as df  # noqa: E402
+from diffaug_fast.ops import reference  # noqa: E402
+
+SIZE = 224
+T = 500
+LOW = (torch.float16, torch.bfloat16)
+# (name, dtype, Denoiser options); "ref-*" are the guided_diffusion reference path.
+CASES = [
+    ("ref-fp32", torch.float32, None),
+    ("ours-fp32", torch.float32, dict(channels_last=True, eps_only=True)),
+    ("ours-fp32-winograd", torch.float32, dict(conv_algo="winograd", eps_only=True)),
+    ("ours-fp32-compiled", torch.float32, dict(channels_last=True, eps_only=True, compile=True)),
+    ("ref-bf16", torch.bfloat16, None),
+    ("ours-bf16-fast", torch.bfloat16, dict(mode="fast", channels_last=True, eps_only=True)),
+    ("ours-bf16-reference", torch.bfloat16, dict(mode="reference", channels_last=True, eps_only=True)),
+    ("ref-fp16", torch.float16, None),
+    ("ours-fp16-fast", torch.float16, dict(mode="fast", channels_last=True, eps_only=True)),
+    ("ours-fp16-reference", torch.float16, dict(mode="reference", channels_last=True, eps_only=True)),
+]
+PRESETS = ["adm-small", "adm256-uncond"]
+_RESULTS: dict[tuple[str, str], dict] = {}
+_STATE: dict[str, dict] = {}
+
+
+def _time(fn, reps: int = 2) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+@pytest.fixture(scope="module")
+def peaks() -> dict[torch.dtype, float]:
+    """GFLOP/s of the best plain-torch kernel per dtype on this machine, measured now."""
+    out = {}
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+            mm = 2 * 2048**3 / _time(lambda a=a, b=b: a @ b, 1 if dtype in LOW else 3) / 1e9
+            x = torch.randn(1, 256, 56, 56, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(256, 256, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            conv = 2 * 256 * 256 * 9 * 56 * 56 / _time(lambda x=x, w=w: F.conv2d(x, w, padding=1), 3) / 1e9
+            out[dtype] = max(mm, conv)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request):
+    yield
+    if not _RESULTS:
+        return
+    tr = request.config.pluginmanager.getplugin("terminalreporter")
+    load = os.getloadavg()
+    tr.write_line(f"\nUNet {SIZE}x{SIZE}, batch 1, t={T}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+                  f"on {os.cpu_count()} cores")
+    tr.write_line(f"{'preset':15} {'case':22} {'s/img':>8} {'img/s':>8} {'GFLOP/s':>8} {'%peak':>6} "
+                  f"{'x ref32':>8} {'err vs ref32':>12}")
+    for (preset, case), r in _RESULTS.items():
+        tr.write_line(f"{preset:15} {case:22} {r['s_per_img']:8.3f} {r['img_per_s']:8.3f} {r['gflop_per_s']:8.1f} "
+                      f"{100 * r['peak_fraction']:5.0f}% {r.get('speedup_vs_ref_fp32', float('nan')):8.2f} "
+                      f"{r.get('rel_err_vs_ref_fp32', float('nan')):12.2e}")
+
+
+def _state(preset: str) -> dict:
+    """Random-weight oracle (timing does not depend on the weights), the input, FLOPs, the fp32 truth."""
+    if preset not in _STATE:
+        cfg = df.get_preset(preset)
+        oracle, diffusion = oracle_model_and_diffusion(cfg)
+        randomize_(oracle)
+        g = torch.Generator().manual_seed(0)
+        x_t = torch.randn(1, 3, SIZE, SIZE, generator=g)
+        t = torch.tensor([T])
+        with torch.device("meta"):
+            meta = df.UNet(cfg)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            meta(torch.empty(1, 3, SIZE, SIZE, device="meta"), torch.empty(1, device="meta"))
+        _STATE[preset] = dict(cfg=cfg, oracle=oracle, diffusion=diffusion, x_t=x_t, t=t, flops=fc.get_total_flops())
+    return _STATE[preset]
+
+
+def _reference_fn(st: dict, dtype: torch.dtype):
+    model, diffusion, x_t, t = st["oracle"], st["diffusion"], st["x_t"], st["t"]
+    if dtype == torch.float32:
+        def run():
+            with torch.no_grad():
+                return diffusion.p_sample(model, x_t, t, clip_denoised=True)["pred_xstart"]
+        return run
+    model = copy.deepcopy(model)
+    for blocks in (model.input_blocks, model.middle_block, model.output_blocks):
+        for m in blocks.modules():
+            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+                m.to(dtype)
+    model.dtype = dtype
+
+    def run_low():
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+            return diffusion.p_sample(model, x_t, t, clip_denoised=True)["pred_xstart"].float()
+    return run_low
+
+
+def _ours_fn(st: dict, dtype: torch.dtype, opts: dict):
+    den = df.load_denoiser(st["oracle"].state_dict(), st["cfg"], dtype=dtype, **opts)
+    x_t, t = st["x_t"], st["t"]
+    coef = den.schedule.gather(t)
+    warm = den.warmup(1, SIZE, SIZE, iters=1) if opts.get("compile") else 0.0
+
+    def run():
+        with torch.no_grad():
+            eps = reference.eps_from_output(den(x_t, t), 3)
+            return reference.predict_x0(x_t, eps, coef[:, 2], coef[:, 3])
+    return run, warm
+
+
+@pytest.mark.parametrize("case,dtype,opts", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_unet(benchmark, peaks, preset, case, dtype, opts):
+    if preset == "adm256-uncond" and (dtype in LOW or (opts or {}).get("compile")) and \
+            not os.environ.get("DIFFAUG_BENCH_ALL"):
+        pytest.skip("adm256 low-precision / compiled cases take many minutes on this CPU: DIFFAUG_BENCH_ALL=1")
+    st = _state(preset)
+    warm = 0.0
+    if opts is None:
+        fn = _reference_fn(st, dtype)
+    else:
+        fn, warm = _ours_fn(st, dtype, opts)
+    out = benchmark.pedantic(fn, rounds=2, iterations=1, warmup_rounds=1)
+    sec = benchmark.stats.stats.min
+    r = dict(s_per_img=sec, img_per_s=1 / sec, gflop_per_s=st["flops"] / sec / 1e9,
+             peak_gflop_per_s=peaks[dtype], warmup_s=warm, load_avg_1min=os.getloadavg()[0])
+    r["peak_fraction"] = r["gflop_per_s"] / peaks[dtype]
+    if case == "ref-fp32":
+        st["ref32"] = (sec, out)
+    if "ref32" in st:
+        ref_sec, ref_out = st["ref32"]
+        r["speedup_vs_ref_fp32"] = ref_sec / sec
+        r["rel_err_vs_ref_fp32"] = ((out - ref_out).norm() / ref_out.norm()).item()
+    benchmark.extra_info.update(r)
+    _RESULTS[(preset, case)] = r
