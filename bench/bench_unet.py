@@ -4,14 +4,14 @@ Reference: guided_diffusion's UNetModel called the way the DiffAug reference cod
 ``diffusion.p_sample(model, x_t, t, clip_denoised=True)['pred_xstart']`` (fp32; fp16 = convert_to_fp16 under
 autocast; bf16 = the same with bfloat16). Ours: ``Denoiser(x_t, t)`` + the x0 step (``ops.reference``).
 
-Reported per case (extra_info and a table at the end): img/s, GFLOP/s (FLOPs of the full UNet forward,
+Reported per case in extra_info (see it with --benchmark-json=FILE): img/s, GFLOP/s (FLOPs of the full UNet forward,
 counted once with torch.utils.flop_counter on the meta device, the same figure for every case, so
 "effective" GFLOP/s for Winograd), the fraction of this machine's peak for the case's dtype measured in the
 same run (best of a matmul and a 256-channel 3x3 conv at 56x56), the speed-up over the reference fp32
 path, and the error of pred_xstart against the reference fp32 output (relative L2).
 
-Run:  python -m pytest bench/bench_unet.py --benchmark-only -k adm-small
-      python -m pytest bench/bench_unet.py --benchmark-only -k adm256       (heavy: ~12 s per fp32 image)
+Run:  python -m pytest bench/bench_unet.py --benchmark-only --benchmark-json=unet.json -k adm-small
+      python -m pytest bench/bench_unet.py --benchmark-only --benchmark-json=unet.json -k adm256  (~12 s/img fp32)
 On CPU the compiled cases, the reference's bf16/fp16 cases and adm256's low-precision cases take many
 minutes each; they run only with DIFFAUG_BENCH_ALL=1.
 """
@@ -52,7 +52,6 @@ CASES = [
     ("ours-fp16-reference", torch.float16, dict(mode="reference", channels_last=True, eps_only=True)),
 ]
 PRESETS = ["adm-small", "adm256-uncond"]
-_RESULTS: dict[tuple[str, str], dict] = {}
 _STATE: dict[str, dict] = {}
 
 
@@ -79,23 +78,6 @@ def peaks() -> dict[torch.dtype, float]:
             conv = 2 * 256 * 256 * 9 * 56 * 56 / _time(lambda x=x, w=w: F.conv2d(x, w, padding=1), 3) / 1e9
             out[dtype] = max(mm, conv)
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _report(request):
-    yield
-    if not _RESULTS:
-        return
-    tr = request.config.pluginmanager.getplugin("terminalreporter")
-    load = os.getloadavg()
-    tr.write_line(f"\nUNet {SIZE}x{SIZE}, batch 1, t={T}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-                  f"on {os.cpu_count()} cores")
-    tr.write_line(f"{'preset':15} {'case':22} {'s/img':>8} {'img/s':>8} {'GFLOP/s':>8} {'%peak':>6} "
-                  f"{'x ref32':>8} {'err vs ref32':>12}")
-    for (preset, case), r in _RESULTS.items():
-        tr.write_line(f"{preset:15} {case:22} {r['s_per_img']:8.3f} {r['img_per_s']:8.3f} {r['gflop_per_s']:8.1f} "
-                      f"{100 * r['peak_fraction']:5.0f}% {r.get('speedup_vs_ref_fp32', float('nan')):8.2f} "
-                      f"{r.get('rel_err_vs_ref_fp32', float('nan')):12.2e}")
 
 
 def _state(preset: str) -> dict:
@@ -176,4 +158,3 @@ def test_unet(benchmark, peaks, preset, case, dtype, opts):
         r["speedup_vs_ref_fp32"] = ref_sec / sec
         r["rel_err_vs_ref_fp32"] = ((out - ref_out).norm() / ref_out.norm()).item()
     benchmark.extra_info.update(r)
-    _RESULTS[(preset, case)] = r
