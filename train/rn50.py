@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import diffaug_fast as df
 from diffaug_fast.data import build_loader, scan_dataset
+from diffaug_fast.distributed import any_rank, barrier, broadcast_object, init_distributed
 from diffaug_fast.ensemble import (
     DE_TIMESTEPS,
     IMAGENET_MEAN,
@@ -115,19 +116,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` launch is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def check_data_root(root: Path) -> None:
@@ -213,14 +201,11 @@ def train_step(model, opt, scaler, batch, den, s: Settings, g, buf, device, amp_
 
 def main(argv: list[str] | None = None) -> dict:
     s = parse_args(argv)
-    rank, world, device = init_distributed()
+    w = init_distributed()
+    rank, world, device = w.rank, w.size, w.device
     demo = s.data is None
     if demo:
-        s.data = str(make_synthetic_dataset()) if rank == 0 else None
-        if world > 1:
-            obj = [s.data]
-            dist.broadcast_object_list(obj, src=0)
-            s.data = obj[0]
+        s.data = broadcast_object(str(make_synthetic_dataset()) if rank == 0 else None)
     root = Path(s.data)
     check_data_root(root)
     if s.batch_size % world:
@@ -315,8 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "total_steps": total_steps, "settings": settings, "classes": classes,
                          "rng": {"python": random.getstate(), "numpy": numpy_rng_state(),
                                  "torch": torch.get_rng_state()}}, ckpt_path)
-        if world > 1:
-            dist.barrier()
+        barrier()
 
     buf = torch.empty(2 * per_rank, 3, s.image_size, s.image_size, device=device,
                       memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
@@ -352,11 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
                           img_per_s=rate, images_in_batch=n_img)
             if s.stop_after_steps is not None and total_steps == s.stop_after_steps:
                 os.kill(os.getpid(), signal.SIGTERM)
-            stopping = stop["signal"] is not None
-            if world > 1:  # every rank stops at the same step
-                flag = torch.tensor([int(stopping)], device=device)
-                dist.all_reduce(flag)
-                stopping = bool(flag.item())
+            stopping = any_rank(stop["signal"] is not None, device)  # every rank stops at the same step
             if stopping or (s.max_steps is not None and total_steps >= s.max_steps):
                 bar.close()
                 save_checkpoint(epoch, step + 1)
@@ -375,8 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   device=device, autocast_dtype=amp_dtype, **geometry)
             say(f"epoch {epoch + 1}: val top-1 {res['top1']:.2f}% ({res['n']} images)")
             log.write(event="eval", epoch=epoch + 1, **res)
-        if world > 1:
-            dist.barrier()
+        barrier()
 
     rate = timed_images / timed_seconds if timed_seconds else float("nan")
     summary: dict = {"img_per_s": rate, "steps": total_steps, "run_dir": str(run_dir)}
@@ -386,8 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary |= final_report(s, model, den, val_index, classes, per_rank, device, amp_dtype, geometry,
                                 root, run_dir, say, log, opt, scaler, loader)
         log.write(event="summary", **summary)
+    barrier()
     if world > 1:
-        dist.barrier()
         dist.destroy_process_group()
     return summary
 
