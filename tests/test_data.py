@@ -68,7 +68,7 @@ def tree(tmp_path_factory) -> str:
     _write(d("ant", "tiny.jpg"), 4, 3, "rgb", 98)
     _write(d("mole", "long.jpg"), 1000, 20, "rgb", 97)
     open(d("mole", "notes.txt"), "w").write("annotation file, not an image\n")
-    Image.fromarray((_pixels(40, 30, 3)[..., 0].astype(np.uint16) * 200)).save(d("zebra", "deep.png"))
+    Image.fromarray(_pixels(40, 30, 3)[..., 0].astype(np.uint16) * 200).save(d("zebra", "deep.png"))
     open(d("mole", ".DS_Store"), "wb").write(b"\0\1junk")  # hidden: ignored entirely
     return root
 
@@ -94,12 +94,12 @@ def test_scan_labels_and_bad_files(tree, index, tmp_path):
     assert index.classes == ["ant", "mole", "zebra"]
     # independent reference: torchvision's ImageFolder restricted to the valid files
     ref = dict(ImageFolder(tree, is_valid_file=lambda p: p in good).samples)
-    assert dict(zip(index.files, index.labels)) == ref
+    assert dict(zip(index.files, index.labels, strict=True)) == ref
     reasons = {tuple(os.path.relpath(p, tree).split(os.sep)): r for p, r in index.bad}
     assert set(reasons) == set(BAD)
     for key, want in BAD.items():
         assert want in reasons[key], (key, reasons[key])
-    for f, (h, w) in zip(index.files, index.sizes):
+    for f, (h, w) in zip(index.files, index.sizes, strict=True):
         assert Image.open(f).size == (w, h)
     rep = index.report()
     assert f"{len(BAD)} bad files" in rep and "truncated.jpg" in rep and "notes.txt" in rep
@@ -128,6 +128,12 @@ def test_scan_cache_follows_tree_mtime(tree, tmp_path, monkeypatch):
         assert extra in grown.files and len(grown) == len(first) + 1
     finally:
         os.remove(extra)
+
+
+def test_parallel_scan_matches_inline(tree, index, monkeypatch):
+    monkeypatch.setattr(scan_mod, "_INLINE_BELOW", 0)  # force the process pool on this small tree
+    par = scan_dataset(tree, cache=False, progress=True, num_workers=2)
+    assert (par.files, par.labels, par.sizes, par.bad) == (index.files, index.labels, index.sizes, index.bad)
 
 
 def test_file_list(tree, tmp_path):
@@ -207,7 +213,7 @@ def test_view_geometry_and_values(index, backend):
 def test_float_output_is_normalised_uint8(index, backend, dtype, channels_last):
     u8 = _loader(index, "train", backend, drop_last=False)
     fl = _loader(index, "train", backend, drop_last=False, output="float", dtype=dtype, channels_last=channels_last)
-    for bu, bf in zip(u8, fl):
+    for bu, bf in zip(u8, fl, strict=True):
         assert torch.equal(bu["index"], bf["index"])
         for v in ("clean", "diffaug"):
             x = bf[v]
@@ -228,7 +234,7 @@ def test_dali_and_torch_backends_agree(index):
         a = list(_loader(index, split, "dali", drop_last=False, seed=1))
         b = list(_loader(index, split, "torch", drop_last=False, seed=1))
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             assert torch.equal(x["index"], y["index"]) and torch.equal(x["label"], y["label"])
             for v in views:
                 # decoders give identical pixels (both libjpeg-turbo); the two antialiased bilinear
@@ -257,7 +263,7 @@ def test_resume_mid_epoch_yields_exactly_the_rest(index, backend):
     resumed.set_epoch(3)  # the trainer's usual call must not throw the restored position away
     got += list(resumed)
     assert len(got) == len(ref)
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         assert torch.equal(g["index"], r["index"]) and torch.equal(g["label"], r["label"])
         assert torch.equal(g["clean"], r["clean"]) and torch.equal(g["diffaug"], r["diffaug"])
     # the abandoned iterator's loader continues where it stopped, then the next epoch starts afresh

@@ -126,10 +126,11 @@ class DaliLoader(Loader):
                 idx = torch.from_numpy(np.array(idx_tl.as_tensor()).reshape(-1).astype(np.int64))
                 shapes = np.array(shape_tl.as_tensor()).reshape(-1, 3)[:, :2]
                 if not np.array_equal(shapes, self._sizes[idx.numpy()]):
-                    bad = [self.index.files[i] for i, s in zip(idx.tolist(), shapes) if tuple(s) != tuple(self._sizes[i])]
-                    raise RuntimeError(f"image size differs from the scan (file changed? rescan with cache=False): {bad}")
+                    bad = [self.index.files[i] for i, s in zip(idx.tolist(), shapes, strict=True)
+                           if tuple(s) != tuple(self._sizes[i])]
+                    raise RuntimeError(f"image size differs from the scan (file changed? rescan, cache=False): {bad}")
                 out = {"index": idx}
-                for name, tl in zip(self.views, view_tls):
+                for name, tl in zip(self.views, view_tls, strict=True):
                     x = self._to_torch(tl, out_dtype)
                     if self.output == "float" and self.channels_last:
                         x = x.permute(0, 3, 1, 2)  # NHWC data = NCHW tensor in channels_last format

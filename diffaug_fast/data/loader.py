@@ -122,7 +122,8 @@ class Loader:
         for k, out in enumerate(self._produce(batches[start:], self.epoch), start):
             idx = out["index"]
             if not torch.equal(idx.cpu(), torch.from_numpy(batches[k])):
-                raise RuntimeError(f"{self.backend} loader returned samples out of order in batch {k}")  # never mislabel
+                # labels are looked up by index below: a reordered batch would mean wrong labels
+                raise RuntimeError(f"{self.backend} loader returned samples out of order in batch {k}")
             out["label"] = self._labels[idx.cpu()].to(self.device)
             out["index"] = idx.to(self.device)
             for v in self.views:

@@ -201,7 +201,7 @@ def scan_dataset(
             os.replace(tmp, cache_path)  # atomic: concurrent ranks never read half a file
 
     index = DatasetIndex(root=root, files=[], labels=[], sizes=[], classes=classes)
-    for path, label, (reason, h, w) in zip(paths, labels, results):
+    for path, label, (reason, h, w) in zip(paths, labels, results, strict=True):
         if reason is None:
             index.files.append(path)
             index.labels.append(label)
@@ -228,7 +228,7 @@ def _scan(paths: list[str], settings: tuple, num_workers: int | None, progress: 
                 bar.update(len(c[0]))
         else:
             with ProcessPoolExecutor(num_workers) as pool:
-                for c, res in zip(chunks, pool.map(_check_many, chunks)):
+                for c, res in zip(chunks, pool.map(_check_many, chunks), strict=True):
                     out.extend(res)
                     bar.update(len(c[0]))
     return [list(r) for r in out]
