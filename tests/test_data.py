@@ -273,6 +273,18 @@ def test_resume_mid_epoch_yields_exactly_the_rest(index, backend):
         _loader(index, "train", backend, **{**kw, "batch_size": 3}).load_state_dict(sd)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_iteration_while_an_old_one_is_open(index, backend):
+    ld = _loader(index, "val", backend, batch_size=2)
+    ref = torch.cat(_all(ld)).tolist()  # full pass: the pipeline is reused below
+    it = iter(ld)
+    head = [next(it)["index"] for _ in range(2)]
+    tail = _all(ld)  # `it` is still alive with batches prefetched inside its pipeline
+    assert torch.cat(head + tail).tolist() == ref
+    del it
+    assert torch.cat(_all(ld)).tolist() == ref
+
+
 def test_bad_arguments(index):
     with pytest.raises(ValueError, match="available"):
         build_loader(index, "train", batch_size=2, backend="nope")

@@ -62,6 +62,7 @@ class DaliLoader(Loader):
         self.prefetch = prefetch
         self._pipe = None
         self._source = _Source(self)
+        self._busy, self._generation = False, 0  # an iteration is open / which one owns the pipeline
 
     def _build(self):
         from nvidia.dali import fn, types
@@ -105,19 +106,23 @@ class DaliLoader(Loader):
     def _produce(self, batches: list[np.ndarray], epoch: int) -> Iterator[dict]:
         if not batches:
             return
+        self._generation += 1
+        me = self._generation
+        if self._busy:  # an earlier iteration is still open: its prefetched batches sit in that pipeline
+            self._pipe = None
+        self._busy = True
+        self._source.set(batches, epoch)
         if self._pipe is None:
-            self._source.set(batches, epoch)
             self._pipe = self._build()
-        else:
-            self._source.set(batches, epoch)
+        pipe = self._pipe
+        out_dtype = torch.uint8
+        if self.output == "float":
+            out_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
         done = False
         try:
-            out_dtype = torch.uint8
-            if self.output == "float":
-                out_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
             for k, batch in enumerate(batches):
                 try:
-                    idx_tl, shape_tl, *view_tls = self._pipe.run()
+                    idx_tl, shape_tl, *view_tls = pipe.run()
                 except StopIteration:
                     raise RuntimeError(f"DALI pipeline ended after {k} of {len(batches)} batches") from None
                 except RuntimeError as e:
@@ -137,10 +142,12 @@ class DaliLoader(Loader):
                     out[name] = x
                 yield out
             try:
-                self._pipe.run()
+                pipe.run()
             except StopIteration:
-                self._pipe.reset()  # clean end of epoch: the pipeline can be reused
+                pipe.reset()  # clean end of epoch: the pipeline can be reused
                 done = True
         finally:
-            if not done:  # left early or failed: batches of this plan are queued inside; start afresh next time
-                self._pipe = None
+            if self._generation == me:  # a newer iteration owns the pipeline otherwise
+                self._busy = False
+                if not done:  # left early or failed: batches of this plan are queued inside; start afresh
+                    self._pipe = None
