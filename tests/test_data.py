@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision.datasets import ImageFolder
 
 from diffaug_fast.data import available_backends, build_loader, scan_dataset
@@ -88,7 +88,7 @@ def _all(loader, key="index"):
     return [b[key] for b in loader]
 
 
-def test_scan_labels_and_bad_files(tree, index, tmp_path):
+def test_scan_labels_and_bad_files(tree, index, tmp_path, monkeypatch):
     good = {os.path.join(tree, c, n) for c, n, *_ in GOOD}
     assert set(index.files) == good
     assert index.classes == ["ant", "mole", "zebra"]
@@ -99,6 +99,9 @@ def test_scan_labels_and_bad_files(tree, index, tmp_path):
     assert set(reasons) == set(BAD)
     for key, want in BAD.items():
         assert want in reasons[key], (key, reasons[key])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # a user's global setting must not hide truncation
+    again = scan_dataset(tree, cache=False, progress=False)
+    assert again.bad == index.bad and ImageFile.LOAD_TRUNCATED_IMAGES
     for f, (h, w) in zip(index.files, index.sizes, strict=True):
         assert Image.open(f).size == (w, h)
     rep = index.report()
@@ -232,7 +235,7 @@ def test_float_output_is_normalised_uint8(index, backend, dtype, channels_last):
 def test_dali_and_torch_backends_agree(index):
     for split, views in (("val", ("image",)), ("train", ("clean", "diffaug"))):
         a = list(_loader(index, split, "dali", drop_last=False, seed=1))
-        b = list(_loader(index, split, "torch", drop_last=False, seed=1))
+        b = list(_loader(index, split, "torch", drop_last=False, seed=1, num_workers=2))  # worker processes
         assert len(a) == len(b)
         for x, y in zip(a, b, strict=True):
             assert torch.equal(x["index"], y["index"]) and torch.equal(x["label"], y["label"])

@@ -95,8 +95,12 @@ def check_image(path: str, min_size: int = 8, max_aspect: float = 20.0) -> tuple
 
 def _check_many(args: tuple[list[str], int, float]) -> list[tuple[str | None, int, int]]:
     paths, min_size, max_aspect = args
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have turned it on globally
-    return [check_image(p, min_size, max_aspect) for p in paths]
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have turned it on: truncation must raise
+    try:
+        return [check_image(p, min_size, max_aspect) for p in paths]
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def _list_tree(root: str) -> tuple[list[str], list[str], list[int], list[str]]:
