@@ -95,12 +95,15 @@ class Loader:
         self.epoch, self.position = int(epoch), 0
 
     def state_dict(self) -> dict:
+        """{"epoch", "position" (batches handed out this epoch), "samples" (their sample count), plan settings}."""
         return {"epoch": self.epoch, "position": self.position, "samples": self._samples_before(self.position),
                 "seed": self.seed, "shard_id": self.shard_id, "num_shards": self.num_shards,
-                "batch_size": self.batch_size, "num_samples": len(self.index), "split": self.split}
+                "batch_size": self.batch_size, "drop_last": self.drop_last, "num_samples": len(self.index),
+                "split": self.split}
 
     def load_state_dict(self, sd: dict) -> None:
-        for key in ("seed", "num_shards", "batch_size", "num_samples", "split"):
+        """Restore epoch and position; the plan settings must match (shard_id may differ: ranks share a state)."""
+        for key in ("seed", "num_shards", "batch_size", "drop_last", "num_samples", "split"):
             mine = len(self.index) if key == "num_samples" else getattr(self, key)
             if key in sd and sd[key] != mine:
                 raise ValueError(f"loader state has {key}={sd[key]!r} but this loader has {mine!r}: cannot resume")
