@@ -83,17 +83,20 @@ def test_log_states_mode_fraction_unet_and_speed(data, tmp_path):
     steps = [r for r in recs if r["event"] == "step"]
     assert steps and all(r["images_in_batch"] == 12 for r in steps)  # 8 clean + 4 DiffAug views
     assert recs[-1]["event"] == "summary" and recs[-1]["img_per_s"] > 0
-    assert json.loads((tmp_path / "r" / "classes.json").read_text()) == sorted(os.listdir(data / "train"))
+    assert json.loads((tmp_path / "r" / "classes.json").read_text())["classes"] == sorted(os.listdir(data / "train"))
 
 
 def test_loss_falls_on_learnable_set(data, tmp_path):
-    res = _run([sys.executable, str(TRAIN), *_args(data, tmp_path, "--epochs", "8", "--diffaug", "off",
-                                                   "--log-every", "1", "--lr", "0.02")])
+    # the whole 24-image set as one batch: 20 full-batch steps (batch 8 at 32 px is too noisy for BN)
+    res = _run([sys.executable, str(TRAIN), *_args(data, tmp_path, "--epochs", "20", "--batch-size", "24",
+                                                   "--diffaug", "off", "--log-every", "1", "--lr", "0.01",
+                                                   "--eval-every", "1000")])
     assert res.returncode == 0, res.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if r["event"] == "step"]
-    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < 0.7 * first, losses
+    assert len(losses) == 20
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, losses
 
 
 @pytest.mark.parametrize(
@@ -105,11 +108,11 @@ def test_loss_falls_on_learnable_set(data, tmp_path):
     ],
 )
 def test_bad_arguments_give_clear_errors(data, tmp_path, extra, match):
-    if match is None:  # batch not divisible by the world size: only with 2 processes
-        res = _run(_torchrun(2, _args(data, tmp_path, *extra)))
-        match = "not divisible"
-    else:
-        res = _run([sys.executable, str(TRAIN), *_args(data, tmp_path, *extra)])
+    if match is None:  # batch not divisible by the world size: only with 2 processes (torchrun adds its
+        res = _run(_torchrun(2, _args(data, tmp_path, *extra)))  # own traceback of the failed children)
+        assert res.returncode != 0 and "--batch-size 7 is not divisible by the 2 processes" in res.stderr
+        return
+    res = _run([sys.executable, str(TRAIN), *_args(data, tmp_path, *extra)])
     assert res.returncode != 0
     assert match in res.stderr + res.stdout
     assert "Traceback" not in res.stderr
