@@ -270,7 +270,7 @@ def build_bank(args: argparse.Namespace) -> dict | None:
         "schedule": {"name": den.schedule.name, "steps": den.num_steps, "rescale_timesteps": den.schedule.rescale_timesteps},
         "t_range": list(t_range), "views": args.views, "seed": args.seed, "format": fmt,
         "quality": None if args.lossless else args.quality, "image_size": size, "resize_size": args.resize_size,
-        "shard_images": args.shard_images, "half": bool(args.half),
+        "shard_images": args.shard_images, "batch_size": args.batch_size, "half": bool(args.half),
         "recompute": "augment(view, denoiser, t=t, generator=torch.Generator().manual_seed(seed))",
     }
     plan_path = out / "plan.json"
@@ -368,7 +368,7 @@ def build_bank(args: argparse.Namespace) -> dict | None:
     manifest = {**plan, "shards": records, "total_bytes": sum(r["bytes"] for r in records),
                 "bytes_per_image": sum(r["bytes"] for r in records) / len(index.files),
                 "build": {"views_this_run": total_views, "seconds": wall, "views_per_s": total_views / wall,
-                          "processes": w.size, "device": str(w.device)}}
+                          "processes": w.size, "device": str(w.device), "threads": torch.get_num_threads()}}
     atomic_write_bytes(json.dumps(manifest, indent=1).encode(), out / "manifest.json")
     say(f"bank complete: {out} ({manifest['total_bytes'] / 2**20:.1f} MiB, "
         f"{manifest['bytes_per_image'] / 1024:.0f} KiB per image); this run {total_views} views in {wall:.1f} s "
@@ -384,12 +384,21 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+def _build_batch_of(i: int, man: dict) -> list[int]:
+    """The image indices of the build batch that held image i (shards are cut in order, then batches)."""
+    per, bs = man["shard_images"], man["batch_size"]
+    first = i // per * per
+    start = first + (i - first) // bs * bs
+    return list(range(start, min(start + bs, first + per, man["num_images"])))
+
+
 def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = True, loader: str = "auto",
                 seed: int = 0) -> dict:
     """Checksums, coverage (every image has K views), and a sample of views recomputed and compared.
 
-    Lossless banks must match the recomputation to the uint8 level (at most 1 level on rounding ties);
-    JPEG banks must reach PSNR >= 40 dB.
+    Each sampled view is recomputed in its build batch with the build's thread count, on the CPU: lossless
+    banks built on a CPU must match exactly, JPEG banks must reach PSNR >= 40 dB (a bank built on a GPU is
+    held to the 40 dB bound either way: other kernels round differently).
     """
     from .data import build_loader, scan_dataset
 
@@ -413,23 +422,31 @@ def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = T
                             dtype=_unet_dtype(man["half"], torch.device("cpu")))
         rng = np.random.default_rng(seed)
         picks = sorted({(int(rng.integers(reader.num_images)), int(rng.integers(reader.views))) for _ in range(sample)})
-        sub = index.subset([i for i, _ in picks])
-        batch = next(iter(build_loader(sub, "val", batch_size=len(picks), backend=loader, output="uint8",
-                                       crop_size=man["image_size"], resize_size=man["resize_size"])))
+        # Recompute each view inside the very batch it was built in: a conv's rounding depends on the batch
+        # size, and at t ~ 999 the x0 step multiplies eps rounding by ~157 (SPEC section 1).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(man["build"]["threads"])
         worst = []
-        for j, (i, v) in enumerate(picks):
-            x = batch["image"][batch["index"] == j].permute(0, 3, 1, 2).float() / 127.5 - 1
-            m = reader.meta(i, v)
-            ref = _to_uint8(augment(x, den, t=m.t, generator=torch.Generator().manual_seed(m.seed)))[0]
-            stored = np.asarray(Image.open(io.BytesIO(reader.view_bytes(i, v))).convert("RGB"))
-            p = psnr(stored, ref)
-            if man["format"] == "png":
-                diff = np.abs(stored.astype(int) - ref.astype(int))
-                if diff.max() > 1 or (diff > 0).mean() > 1e-3:
-                    raise BankError(f"view {v} of image {i} differs from its recomputation (max {diff.max()} levels)")
-            elif p < 40:
-                raise BankError(f"view {v} of image {i}: PSNR {p:.1f} dB against its recomputation (< 40 dB)")
-            worst.append(p)
+        try:
+            for i, v in picks:
+                ids = _build_batch_of(i, man)
+                batch = next(iter(build_loader(index.subset(ids), "val", batch_size=len(ids), backend=loader,
+                                               output="uint8", crop_size=man["image_size"],
+                                               resize_size=man["resize_size"], num_workers=1)))
+                x = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
+                ts = torch.tensor([view_t(man["seed"], j, v, tuple(man["t_range"])) for j in ids])
+                noise = torch.cat([view_noise(view_seed(man["seed"], j, v), tuple(x[:1].shape)) for j in ids])
+                ref = _to_uint8(augment(x, den, t=ts, noise=noise))[ids.index(i)]
+                stored = np.asarray(Image.open(io.BytesIO(reader.view_bytes(i, v))).convert("RGB"))
+                p = psnr(stored, ref)
+                exact = man["format"] == "png" and not man["build"]["device"].startswith("cuda")
+                if exact and p != float("inf"):
+                    raise BankError(f"view {v} of image {i} differs from its recomputation (PSNR {p:.1f} dB)")
+                if p < 40:
+                    raise BankError(f"view {v} of image {i}: PSNR {p:.1f} dB against its recomputation (< 40 dB)")
+                worst.append(p)
+        finally:
+            torch.set_num_threads(threads)
         result["recomputed"] = len(picks)
         result["min_psnr_db"] = min(worst)
     return result
@@ -448,7 +465,9 @@ def main(argv: list[str] | None = None):
     b.add_argument("--unet-preset", default=None)
     b.add_argument("--views", type=int, default=4)
     b.add_argument("--out", required=True)
-    b.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    # q98: the views carry diffusion noise, which JPEG keeps poorly; measured on DiffAug views of the sample
+    # images (64 px): min PSNR 35.8 dB at q95, 40.1 at q97, 43.1 at q98 (+32% bytes vs q95), 50.5 at q100
+    b.add_argument("--quality", type=int, default=98, help="JPEG quality (default 98: >= 40 dB PSNR)")
     b.add_argument("--lossless", action="store_true", help="store PNG instead of JPEG")
     b.add_argument("--t-min", type=int, default=0)
     b.add_argument("--t-max", type=int, default=None)

@@ -61,7 +61,7 @@ def single(setup):
 def test_manifest_contents(single, setup):
     man = json.loads((single / "manifest.json").read_text())
     assert man["num_images"] == 12 and man["views"] == 2 and len(man["shards"]) == 3
-    assert man["format"] == "jpeg" and man["quality"] == 95 and man["t_range"] == [0, 1000]
+    assert man["format"] == "jpeg" and man["quality"] == 98 and man["t_range"] == [0, 1000]
     assert man["schedule"] == {"name": "linear", "steps": 1000, "rescale_timesteps": False}
     assert man["package_version"] == df.__version__ and len(man["checkpoint_sha256"]) == 64
     reader = BankReader(single)
