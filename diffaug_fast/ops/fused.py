@@ -144,11 +144,17 @@ BACKENDS: dict[str, Backend] = {
 _AUTO = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 
+@torch.compiler.assume_constant_result
+def _missing(name: str, device_type: str) -> str | None:
+    # a constant while tracing: torch.compile(fullgraph=True) cannot trace the extension's dispatcher queries
+    return BACKENDS[name].missing(device_type)
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on tensors of ``device``, in auto order first."""
     dt = torch.device(device).type
     order = list(_AUTO.get(dt, ())) + [n for n in BACKENDS if n not in _AUTO.get(dt, ())]
-    return [n for n in order if BACKENDS[n].missing(dt) is None]
+    return [n for n in order if _missing(n, dt) is None]
 
 
 def resolve_backend(name: str | None, device: torch.device | str) -> str:
@@ -158,12 +164,12 @@ def resolve_backend(name: str | None, device: torch.device | str) -> str:
     name = name or os.environ.get("DIFFAUG_BACKEND") or "auto"
     if name == "auto":
         for cand in _AUTO.get(dt, ("reference",)):
-            if BACKENDS[cand].missing(dt) is None:
+            if _missing(cand, dt) is None:
                 return cand
         return "reference"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known: {list(BACKENDS)} or 'auto'")
-    why = BACKENDS[name].missing(dt)
+    why = _missing(name, dt)
     if why is not None:
         raise ValueError(
             f"backend {name!r} is not available for {dt} tensors ({why}); available: {available_backends(dt)}"

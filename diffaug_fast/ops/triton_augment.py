@@ -3,8 +3,10 @@
 One program handles BLOCK pixels (b, h, w) and loops over the C channels, so loads and stores are
 coalesced for NCHW and channels_last alike. The math is csrc/augment_math.h's, operation by operation:
 IEEE division (div_rn) and no FMA contraction (enable_fp_fusion=False) keep fp32 results equal to the
-reference; the noise is the same Philox4x32-10 stream (tl.randint4x: counter offset + NCHW index, key
-seed) with the same Box-Muller mapping as diffaug_fast/ops/philox.py.
+reference; the noise is the same Philox4x32-10 stream (counter offset + NCHW index, key seed) with the
+same Box-Muller mapping as diffaug_fast/ops/philox.py. Philox is written out here rather than taken from
+tl.randint4x: that one is decorated when torch imports triton, so under TRITON_INTERPRET=1 set later (as
+the tests do) the interpreter refuses to call it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,29 @@ INV_2POW24 = 5.9604644775390625e-8
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _philox_normal(idx, seed):
+    """N(0, 1) from Philox4x32-10 at counter (lo(idx), hi(idx), 0, 0), key (lo(seed), hi(seed))."""
+    c0 = idx.to(tl.uint32)
+    c1 = (idx >> 32).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c0 * 0
+    k0 = seed.to(tl.uint32)
+    k1 = (seed >> 32).to(tl.uint32)
+    for _ in tl.static_range(10):
+        n0 = tl.umulhi(c2, 0xCD9E8D57) ^ c1 ^ k0
+        n2 = tl.umulhi(c0, 0xD2511F53) ^ c3 ^ k1
+        c1 = c2 * 0xCD9E8D57
+        c3 = c0 * 0xD2511F53
+        c0 = n0
+        c2 = n2
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    u1 = ((c0 >> 8) + 1).to(tl.float32) * INV_2POW24
+    u2 = (c1 >> 8).to(tl.float32) * INV_2POW24
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.2831853071795865 * u2)
 
 
 @triton.jit
@@ -49,10 +74,7 @@ def _pre_kernel(x_ptr, noise_ptr, philox_ptr, t_ptr, table_ptr, mean_ptr, std_pt
         if HAS_NOISE:
             z = tl.load(noise_ptr + b * snb + c * snc + h * snh + w * snw, mask=mask, other=0.0)
         else:
-            r0, r1, _, _ = tl.randint4x(seed, offset + ((b * C + c) * H + h) * W + w)
-            u1 = ((r0 >> 8) + 1).to(tl.float32) * INV_2POW24
-            u2 = (r1 >> 8).to(tl.float32) * INV_2POW24
-            z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.2831853071795865 * u2)
+            z = _philox_normal(offset + ((b * C + c) * H + h) * W + w, seed)
         y = sa * v + s1ma * z
         tl.store(xt_ptr + b * stb + c * stc + h * sth + w * stw, y.to(xt_ptr.dtype.element_ty), mask=mask)
 
