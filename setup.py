@@ -75,7 +75,10 @@ def extension_modules() -> tuple[list, dict]:
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # -ffp-contract=off: fp32 parity with the reference (csrc/augment_math.h). -fno-trapping-math lets GCC
+    # vectorize the clamp's selects (post at B=64, 224x224: 7 ms instead of 85 ms); -fno-math-errno lets it
+    # vectorize sqrt in the Philox loop. Neither changes a result: we read no FP flags and no errno.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno"]
     if os.environ.get("DIFFAUG_PORTABLE") != "1":
         cxx.append("-march=native")
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))

@@ -82,10 +82,12 @@ def _post_reference(model_out, x_t, t, table, mean, std, clip, out) -> None:
 
 
 def _ext_pre(x, t, table, noise, philox, mean, std, x_t) -> None:
+    _ext.loaded()  # registers torch.ops.diffaug_fast_ext (cached after the first call)
     torch.ops.diffaug_fast_ext.pre(x, t, table, noise, philox, mean, std, x_t)
 
 
 def _ext_post(model_out, x_t, t, table, mean, std, clip, out) -> None:
+    _ext.loaded()
     torch.ops.diffaug_fast_ext.post(model_out, x_t, t, table, mean, std, clip, out)
 
 
