@@ -110,6 +110,8 @@ def _triton_missing(device_type: str) -> str | None:
         return "triton is not installed"
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "triton runs CPU tensors only under TRITON_INTERPRET=1"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
     if device_type not in ("cpu", "cuda"):
         return f"triton does not support {device_type} tensors here"
     return None
@@ -119,6 +121,8 @@ def _ext_missing(key: str) -> Callable[[str], str | None]:
     def missing(device_type: str) -> str | None:
         if device_type != key.lower():
             return f"it runs on {key.lower()} tensors only"
+        if key == "CUDA" and not torch.cuda.is_available():
+            return "no CUDA device"
         if not _ext.has_kernel(key):
             return _ext.error() or f"the extension was built without {key} kernels"
         return None
