@@ -1,7 +1,7 @@
 """Fused pre/post ops vs the PyTorch reference chain, B=64 at 224x224, in GB/s and as a fraction of this
 machine's copy bandwidth (measured in the same run).
 
-    python -m pytest bench/bench_kernels.py --benchmark-only -s      (-s prints the summary table)
+    python -m pytest bench/bench_kernels.py --benchmark-only       (comparison lines print at the end)
 
 The functional op allocates x_t on every call; on CPU a fresh 38.5 MB tensor costs ~40 ms of first-touch
 page faults here (glibc maps blocks > 32 MB anew each time), so "<backend>-prealloc" also times the
@@ -105,7 +105,7 @@ CASES = ["pre_f32", "pre_u8_nhwc", "pre_philox", "post_norm_slice"]
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS, *[f"{b}-prealloc" for b in BACKENDS if b != "triton"]])
-def test_bench(benchmark, copy_gbps, case, backend):
+def test_bench(benchmark, request, copy_gbps, case, backend):
     ref, fast, nbytes = _case(case)
     fn = ref if backend == "reference" else fast(backend)
     benchmark.pedantic(fn, setup=_sync, rounds=7, iterations=1, warmup_rounds=1)
@@ -116,5 +116,5 @@ def test_bench(benchmark, copy_gbps, case, backend):
                                 fraction_of_copy=round(gbps / copy_gbps, 3), images_per_s=round(B / sec, 1))
     if (case, "reference") in RESULTS:
         benchmark.extra_info["speedup_vs_reference"] = round(gbps / RESULTS[(case, "reference")], 2)
-    print(f"\n{case:16s} {backend:10s} {sec * 1e3:8.1f} ms {gbps:7.2f} GB/s  {gbps / copy_gbps:6.1%} of copy "
+    request.config.bench_report.append(f"{case:16s} {backend:13s} {sec * 1e3:8.1f} ms {gbps:7.2f} GB/s  {gbps / copy_gbps:6.1%} of copy "
           f"({copy_gbps:.2f} GB/s)  {benchmark.extra_info.get('speedup_vs_reference', 1.0):5.2f}x reference")
