@@ -331,3 +331,23 @@ def test_compile_fullgraph_no_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True)  # raises on any graph break
     torch.testing.assert_close(compiled(x, t, noise), fn(x, t, noise), rtol=1e-5, atol=1e-5)
+
+
+def test_package_works_without_the_extension():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['diffaug_fast._C'] = None\n"  # import of the extension now fails
+        "import torch, diffaug_fast as df\n"
+        "assert df.available_backends('cpu') == ['reference'], df.available_backends('cpu')\n"
+        "den = df.Denoiser(df.UNet(df.get_preset('adm-tiny')))\n"
+        "x = torch.rand(1, 3, 8, 8) * 2 - 1\n"
+        "assert df.augment(x, den, t=5, seed=1).shape == x.shape\n"
+        "try:\n    df.augment(x, den, backend='cpp')\nexcept ValueError as e:\n    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DIFFAUG_BACKEND", "TRITON_INTERPRET")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "'cpp' is not available" in r.stdout and "not built" in r.stdout and "['reference']" in r.stdout
