@@ -49,7 +49,8 @@ from . import __version__, augment, load_denoiser
 from .distributed import barrier, gather_objects, init_distributed
 from .io import atomic_write_bytes
 
-__all__ = ["view_seed", "view_t", "view_noise", "pick_view", "BankReader", "build_bank", "verify_bank", "BankError"]
+__all__ = ["view_seed", "view_t", "view_noise", "pick_view", "BankReader", "build_bank", "verify_bank", "BankError",
+           "dataset_fingerprint", "file_sha256"]
 
 SHARD_IMAGES = 256  # images per shard: ~40 MB of JPEG views at K=4, small enough to redo on resume
 
@@ -93,7 +94,7 @@ def pick_view(seed: int, epoch: int, index: int, views: int) -> int:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -266,7 +267,7 @@ def build_bank(args: argparse.Namespace) -> dict | None:
         "format_version": 1, "package_version": __version__, "dataset": str(data.resolve()),
         "dataset_fingerprint": dataset_fingerprint(index, data), "num_images": len(index.files),
         "classes": list(index.classes), "checkpoint": str(Path(args.unet).resolve()),
-        "checkpoint_sha256": _sha256(Path(args.unet)), "unet": den.name,
+        "checkpoint_sha256": file_sha256(args.unet), "unet": den.name,
         "schedule": {"name": den.schedule.name, "steps": den.num_steps, "rescale_timesteps": den.schedule.rescale_timesteps},
         "t_range": list(t_range), "views": args.views, "seed": args.seed, "format": fmt,
         "quality": None if args.lossless else args.quality, "image_size": size, "resize_size": args.resize_size,
@@ -342,7 +343,7 @@ def build_bank(args: argparse.Namespace) -> dict | None:
         offsets = _write_shard(tar_path, members)
         for m, (off, sz) in zip(meta, offsets):
             m["offset"], m["size"] = off, sz
-        atomic_write_bytes(json.dumps({"shard": s, "tar": tar_path.name, "sha256": _sha256(tar_path),
+        atomic_write_bytes(json.dumps({"shard": s, "tar": tar_path.name, "sha256": file_sha256(tar_path),
                                        "bytes": tar_path.stat().st_size, "images": [ids[0], ids[-1]],
                                        "members": meta}).encode(), shards / f"shard-{s:05d}.json")
         if args.stop_after_shards is not None and n_done + 1 == args.stop_after_shards:
@@ -404,7 +405,7 @@ def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = T
 
     reader = BankReader(root)
     man = reader.manifest
-    bad = [r["tar"] for r in man["shards"] if _sha256(reader.root / "shards" / r["tar"]) != r["sha256"]]
+    bad = [r["tar"] for r in man["shards"] if file_sha256(reader.root / "shards" / r["tar"]) != r["sha256"]]
     if bad:
         raise BankError(f"checksum mismatch in {len(bad)} shard(s): {bad[:4]}")
     missing = [(i, v) for i in range(reader.num_images) for v in range(reader.views) if (i, v) not in reader._members]
@@ -416,7 +417,7 @@ def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = T
         index = scan_dataset(man["dataset"], progress=False)
         if dataset_fingerprint(index, man["dataset"]) != man["dataset_fingerprint"]:
             raise BankError(f"the dataset at {man['dataset']} changed since the bank was built")
-        if _sha256(Path(man["checkpoint"])) != man["checkpoint_sha256"]:
+        if file_sha256(Path(man["checkpoint"])) != man["checkpoint_sha256"]:
             raise BankError(f"the checkpoint at {man['checkpoint']} changed since the bank was built")
         den = load_denoiser(man["checkpoint"], man["unet"] if man["unet"] != "custom" else None,
                             dtype=_unet_dtype(man["half"], torch.device("cpu")))

@@ -79,11 +79,10 @@ def ensemble_probs(
     if any(t != 0 for t in timesteps) and denoiser is None:
         raise ValueError("DiffAug Ensemble with t > 0 needs a denoiser")
     idx = None if class_idx is None else torch.as_tensor(list(class_idx), device=x.device)
-    unit = to_unit_range(x, mean, std) if any(t != 0 for t in timesteps) else None
     out = []
     for t in timesteps:
-        view = x if t == 0 else from_unit_range(augment(unit, denoiser, t=t, generator=generator), mean, std)
-        view = view.to(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else view
+        # the fused op reads and writes the classifier's normalization and keeps x's layout
+        view = x if t == 0 else augment(x, denoiser, t=t, generator=generator, mean=mean, std=std)
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             logits = model(view).float()
         if idx is not None:

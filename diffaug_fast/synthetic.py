@@ -77,14 +77,15 @@ def corrupt(im: Image.Image, kind: str, severity: int, rng: np.random.Generator)
 def make_synthetic_dataset(
     root: str | Path | None = None,
     *,
-    train_per_class: int = 64,
+    train_per_class: int = 40,
     val_per_class: int = 16,
-    size: int = 96,
-    severities: tuple[int, ...] = (1, 3, 5),
+    size: int = 64,
+    severities: tuple[int, ...] = (3,),
     seed: int = 0,
 ) -> Path:
     """Create the dataset (once) and return its root. An existing complete dataset is reused."""
-    root = Path(root) if root is not None else cache_dir() / f"synthetic-{_VERSION}-{size}px"
+    name = f"synthetic-{_VERSION}-{size}px-{train_per_class}x{val_per_class}-s{''.join(map(str, severities))}-{seed}"
+    root = Path(root) if root is not None else cache_dir() / name
     if (root / "COMPLETE").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)

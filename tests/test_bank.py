@@ -146,3 +146,47 @@ def test_every_k_epochs_see_all_k_views():
     counts = np.bincount(firsts, minlength=k)
     assert counts.min() > 25  # the epoch-0 view is spread over all K, not always view 0
     assert pick_view(7, 3, 11, k) == pick_view(7, 3, 11, k)
+
+
+def test_loader_serves_each_images_k_views_across_epochs(single, setup):
+    import functools
+    import io
+
+    from PIL import Image
+
+    from diffaug_fast.data import build_loader, scan_dataset
+
+    reader = BankReader(single)
+    index = scan_dataset(setup[1], progress=False)
+    seen: dict[int, set] = {}
+    for backend in ("dali", "torch"):
+        loader = build_loader(index, "train", batch_size=4, backend=backend, output="uint8", crop_size=32,
+                              resize_size=36, num_workers=1, seed=7,
+                              extra_views={"bank": functools.partial(reader.epoch_view_bytes, 7)})
+        for epoch in range(2):  # K = 2 views: two epochs show both
+            loader.set_epoch(epoch)
+            for batch in loader:
+                for row, i in zip(batch["bank"], batch["index"].tolist()):
+                    v = pick_view(7, epoch, i, 2)
+                    stored = np.asarray(Image.open(io.BytesIO(reader.view_bytes(i, v))).convert("RGB"))
+                    assert np.array_equal(row.numpy(), stored)  # decoded by the pipeline, pixel for pixel
+                    seen.setdefault(i, set()).add(v)
+    assert len(seen) == 12 and all(v == {0, 1} for v in seen.values())
+
+
+def test_trainer_bank_mode(single, setup, tmp_path):
+    data = setup[1].parent
+    base = [sys.executable, str(REPO / "train" / "rn50.py"), "--data", str(data), "--out", str(tmp_path),
+            "--run-name", "b", "--arch", "resnet18", "--epochs", "1", "--batch-size", "4", "--image-size", "32",
+            "--resize-size", "36", "--workers", "1", "--no-progress", "--no-de-eval", "--eval-every", "9"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([*base, "--diffaug", f"bank:{single}"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"DiffAug mode: bank {single} (2 stored views per image, one per epoch)" in res.stdout
+    recs = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert all(r["images_in_batch"] == 8 for r in recs if r["event"] == "step")  # clean + stored view
+    # a bank of another dataset (the val split) is refused
+    other = setup[0] / "valbank"
+    assert _build(setup, other, "--data", str(data / "val")).returncode == 0
+    res = subprocess.run([*base, "--diffaug", f"bank:{other}"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert res.returncode != 0 and "built from another dataset" in res.stderr

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import torchvision
 from tqdm import tqdm
 
 import diffaug_fast as df
+from diffaug_fast.bank import BankError, BankReader, dataset_fingerprint, file_sha256
 from diffaug_fast.data import build_loader, scan_dataset
 from diffaug_fast.distributed import any_rank, barrier, broadcast_object, init_distributed
 from diffaug_fast.ensemble import (
@@ -49,7 +51,6 @@ from diffaug_fast.ensemble import (
     IMAGENET_STD,
     evaluate_corruptions,
     evaluate_folder,
-    from_unit_range,
     to_unit_range,
 )
 from diffaug_fast.io import atomic_save
@@ -80,8 +81,8 @@ class Settings:
     sync_bn: bool = False
     loader: str = "auto"  # auto | dali | torch
     workers: int = 2
-    diffaug: str = "online"  # off | online
-    diffaug_fraction: float = 1.0
+    diffaug: str = "online"  # off | online | bank:BANK_DIR (stored views, see python -m diffaug_fast.bank)
+    diffaug_fraction: float | None = None  # online: default 1.0; bank: share of views made online, default 0
     unet: str | None = None
     unet_preset: str | None = None
     t_min: int = 0
@@ -98,7 +99,8 @@ class Settings:
     progress: bool = True
 
 
-DEMO = dict(epochs=12, batch_size=32, lr=0.05, image_size=64, resize_size=73, unet_preset="adm-tiny", bench_steps=4)
+# The embedded demo (no --data): synthetic 64 px images, 4 classes x 40; sized to train in a few minutes on 2 cores.
+DEMO = dict(epochs=6, batch_size=32, lr=0.01, image_size=48, resize_size=55, unet_preset="adm-tiny", bench_steps=3)
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -138,6 +140,20 @@ def load_unet(s: Settings, device: torch.device) -> df.Denoiser:
     return df.Denoiser(df.UNet(df.get_preset(preset)).to(device), name=f"{preset} (random weights)")
 
 
+def open_bank(path: str, index, train_root: Path, s: Settings) -> BankReader:
+    """The bank, refused unless it was built from exactly this training set (and this UNet, if given)."""
+    try:
+        bank = BankReader(path)
+        bank.check_compatible(dataset_fingerprint(index, train_root),
+                              file_sha256(s.unet) if s.unet else None)
+    except BankError as e:
+        raise SystemExit(f"--diffaug bank:{path}: {e}") from None
+    if bank.manifest["image_size"] != s.image_size:
+        raise SystemExit(f"--diffaug bank:{path}: its views are {bank.manifest['image_size']} px, "
+                         f"training uses --image-size {s.image_size}")
+    return bank
+
+
 def step_generator(s: Settings, epoch: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """All randomness of one step comes from here: a resumed run replays it exactly."""
     return torch.Generator(device=device).manual_seed(((s.seed * 1_000_003 + epoch) * 1_000_003 + step) * 4099 + rank)
@@ -162,19 +178,33 @@ class JsonLog:
 # ---------------------------------------------------------------------------------------------------- step
 
 
-def diffaug_views(view: torch.Tensor, labels: torch.Tensor, den: df.Denoiser | None, s: Settings,
-                  g: torch.Generator, out: torch.Tensor) -> torch.Tensor:
-    """Write DiffAug of a random fraction of ``view`` (normalized) into ``out``; return their labels."""
-    b = view.shape[0]
+def diffaug_half(batch: dict, labels: torch.Tensor, den: df.Denoiser | None, s: Settings, g: torch.Generator,
+                 out: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Fill ``out`` (the DiffAug half of the preallocated batch) and return its labels.
+
+    online: DiffAug of a random ``diffaug_fraction`` of the Resize+CenterCrop views, written by the fused op
+    straight into ``out`` (no torch.cat). bank: the stored views read by the loader, except a random
+    ``diffaug_fraction`` of them made online instead.
+    """
+    b = labels.shape[0]
+    bank = batch.get("bank")
     k = 0 if den is None else round(s.diffaug_fraction * b)
-    if k == 0:
+    if bank is None and k == 0:
         return labels[:0]
-    idx = torch.randperm(b, generator=g, device=g.device)[:k].to(view.device) if k < b else None
-    sel = view if idx is None else view.index_select(0, idx)
-    t_range = (s.t_min, s.t_max or den.num_steps)
-    x0 = df.augment(to_unit_range(sel, IMAGENET_MEAN, IMAGENET_STD), den, t_range=t_range, generator=g)
-    out[:k].copy_(from_unit_range(x0, IMAGENET_MEAN, IMAGENET_STD))
-    return labels if idx is None else labels.index_select(0, idx)
+    perm = torch.randperm(b, generator=g, device=g.device).to(device) if 0 < k < b else None
+    online = perm[:k] if perm is not None else None
+    if k:
+        view = batch["diffaug"].to(device, non_blocking=True)
+        sel = view if online is None else view.index_select(0, online)
+        df.augment(sel, den, t_range=(s.t_min, s.t_max or den.num_steps), generator=g, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD, out=out[:k])
+    if bank is None:
+        return labels if online is None else labels.index_select(0, online)
+    if k == b:
+        return labels
+    stored = perm[k:] if perm is not None else torch.arange(b, device=device)
+    out[k:b].copy_(bank.to(device, non_blocking=True).index_select(0, stored))
+    return labels if perm is None else labels.index_select(0, perm)
 
 
 def train_step(model, opt, scaler, batch, den, s: Settings, g, buf, device, amp_dtype):
@@ -182,7 +212,7 @@ def train_step(model, opt, scaler, batch, den, s: Settings, g, buf, device, amp_
     y = batch["label"].to(device, non_blocking=True)
     b = clean.shape[0]
     buf[:b].copy_(clean)
-    y_aug = diffaug_views(batch["diffaug"].to(device, non_blocking=True), y, den, s, g, buf[b:])
+    y_aug = diffaug_half(batch, y, den, s, g, buf[b:], device)
     k = y_aug.shape[0]
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = model(buf[: b + k])
@@ -210,10 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
     check_data_root(root)
     if s.batch_size % world:
         raise SystemExit(f"--batch-size {s.batch_size} is not divisible by the {world} processes")
+    bank_dir = s.diffaug[5:] if s.diffaug.startswith("bank:") else None
+    if s.diffaug not in ("off", "online") and not bank_dir:
+        raise SystemExit(f"--diffaug {s.diffaug!r}: expected off, online or bank:BANK_DIR")
+    if s.diffaug_fraction is None:
+        s.diffaug_fraction = 1.0 if s.diffaug == "online" else 0.0
     if not 0.0 <= s.diffaug_fraction <= 1.0:
         raise SystemExit("--diffaug-fraction must lie in [0, 1]")
-    if s.diffaug not in ("off", "online"):
-        raise SystemExit(f"--diffaug {s.diffaug!r}: expected off or online")
     lr = s.lr if s.lr is not None else 0.1 * s.batch_size / 256
     s.run_name = s.run_name or ("demo" if demo else f"rn50-{s.diffaug}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = Path(s.out) / s.run_name
@@ -234,9 +267,14 @@ def main(argv: list[str] | None = None) -> dict:
                 say(idx.report())
     per_rank = s.batch_size // world
     geometry = dict(crop_size=s.image_size, resize_size=s.resize_size)
+    extra = {}
+    if bank_dir:
+        bank = open_bank(bank_dir, train_index, root / "train", s)
+        extra["bank"] = functools.partial(bank.epoch_view_bytes, s.seed)
     loader = build_loader(train_index, "train", batch_size=per_rank, backend=s.loader, output="float",
                           channels_last=s.channels_last, shard_id=rank, num_shards=world, seed=s.seed,
-                          num_workers=s.workers, device=device if device.type == "cuda" else None, **geometry)
+                          num_workers=s.workers, device=device if device.type == "cuda" else None,
+                          extra_views=extra, **geometry)
 
     torch.manual_seed(s.seed)
     model = torchvision.models.get_model(s.arch, num_classes=len(classes)).to(device)
@@ -254,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s.lr_step, gamma=s.lr_gamma)
     amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if s.amp else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    den = load_unet(s, device) if s.diffaug == "online" else None
+    den = load_unet(s, device) if s.diffaug == "online" or (bank_dir and s.diffaug_fraction > 0) else None
 
     start_epoch, start_pos, total_steps = 0, 0, 0
     if s.resume:
@@ -278,9 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
     log.write(event="settings", **settings)
     say(f"data {root} ({len(train_index.files)} train / {len(val_index.files)} val images, {len(classes)} classes), "
         f"loader {loader.backend}, {world} process(es) on {device}")
-    say(f"DiffAug mode: {s.diffaug}" + (f", fraction {s.diffaug_fraction}, UNet {den.name} "
+    mode = f"bank {bank_dir} ({bank.views} stored views per image, one per epoch)" if bank_dir else s.diffaug
+    say(f"DiffAug mode: {mode}" + (f", fraction {'online ' if bank_dir else ''}{s.diffaug_fraction}, UNet {den.name} "
         f"({'checkpoint ' + s.unet if s.unet else 'no checkpoint'}), t in [{s.t_min}, {s.t_max or den.num_steps})"
-                                        if den else ""))
+                                   if den else ""))
     if den is not None and not s.unet:
         say("  note: a random-weight UNet predicts eps = 0, so its 'DiffAug' is only noise; real DiffAug needs a "
             "pretrained checkpoint: --unet 256x256_diffusion_uncond.pt")
