@@ -16,30 +16,11 @@ from torch import nn
 from .augment import augment
 from .denoiser import Denoiser
 
-__all__ = ["DE_TIMESTEPS", "IMAGENET_MEAN", "IMAGENET_STD", "to_unit_range", "from_unit_range",
-           "ensemble_probs", "evaluate", "subset_indices", "evaluate_folder", "evaluate_corruptions"]
+__all__ = ["DE_TIMESTEPS", "IMAGENET_MEAN", "IMAGENET_STD", "ensemble_probs", "evaluate", "subset_indices", "evaluate_folder", "evaluate_corruptions"]
 
 DE_TIMESTEPS: tuple[int, ...] = tuple(range(0, 500, 50))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _stats(mean: Sequence[float], std: Sequence[float], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    m = torch.tensor(mean, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
-    return m, s
-
-
-def to_unit_range(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Classifier-normalized float32 [B, 3, H, W] -> [-1, 1] (the UNet's convention)."""
-    m, s = _stats(mean, std, x)
-    return ((x.float() * s + m) * 2 - 1).clamp(-1, 1)
-
-
-def from_unit_range(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """[-1, 1] -> classifier-normalized float32: ((x + 1) / 2 - mean) / std."""
-    m, s = _stats(mean, std, x)
-    return ((x.float() + 1) / 2 - m) / s
 
 
 def subset_indices(eval_classes: Sequence[str], train_classes: Sequence[str]) -> list[int] | None:

@@ -12,10 +12,9 @@ from diffaug_fast.ensemble import (
     IMAGENET_STD,
     ensemble_probs,
     evaluate,
-    from_unit_range,
     subset_indices,
-    to_unit_range,
 )
+from diffaug_fast.ops.fused import from_unit, to_unit
 
 
 class TinyNet(torch.nn.Module):
@@ -42,12 +41,12 @@ def den():
 def _x(b=3):
     g = torch.Generator().manual_seed(3)
     unit = torch.rand(b, 3, 16, 16, generator=g) * 2 - 1
-    return from_unit_range(unit, IMAGENET_MEAN, IMAGENET_STD)
+    return from_unit(unit, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def test_unit_range_round_trip():
     x = _x()
-    torch.testing.assert_close(from_unit_range(to_unit_range(x, IMAGENET_MEAN, IMAGENET_STD), IMAGENET_MEAN,
+    torch.testing.assert_close(from_unit(to_unit(x, IMAGENET_MEAN, IMAGENET_STD), IMAGENET_MEAN,
                                                IMAGENET_STD), x, atol=1e-5, rtol=0)
 
 
@@ -73,10 +72,10 @@ def test_de_average_equals_manual_computation(den):
     model, x = TinyNet(), _x()
     probs = ensemble_probs(model, x, den, generator=torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
-    unit = to_unit_range(x, IMAGENET_MEAN, IMAGENET_STD)
+    unit = to_unit(x, IMAGENET_MEAN, IMAGENET_STD)
     manual = [model(x).softmax(1)]  # t = 0: the unmodified image
     for t in DE_TIMESTEPS[1:]:
-        aug = from_unit_range(df.augment(unit, den, t=t, generator=g), IMAGENET_MEAN, IMAGENET_STD)
+        aug = from_unit(df.augment(unit, den, t=t, generator=g), IMAGENET_MEAN, IMAGENET_STD)
         manual.append(model(aug).softmax(1))
     torch.testing.assert_close(probs, torch.stack(manual).detach())
     assert not torch.allclose(probs[1], probs[-1])  # the copies differ

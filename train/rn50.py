@@ -51,9 +51,9 @@ from diffaug_fast.ensemble import (
     IMAGENET_STD,
     evaluate_corruptions,
     evaluate_folder,
-    to_unit_range,
 )
 from diffaug_fast.io import atomic_save
+from diffaug_fast.ops.fused import to_unit
 from diffaug_fast.synthetic import make_synthetic_dataset
 from diffaug_fast.viz import save_grid
 
@@ -436,7 +436,7 @@ def final_report(s, model, den, val_index, classes, per_rank, device, amp_dtype,
     images = first_of_each_class(val_index, classes, geometry, s.loader)
     if images is not None and den is not None:
         g = torch.Generator(device=device).manual_seed(s.seed)
-        unit = to_unit_range(images.to(device), IMAGENET_MEAN, IMAGENET_STD)
+        unit = to_unit(images.to(device), IMAGENET_MEAN, IMAGENET_STD)
         cols = [unit] + [df.augment(unit, den, t=t, generator=g) for t in GRID_TS]
         path = save_grid(cols, run_dir / "diffaug_views.png", col_labels=["clean"] + [f"t={t}" for t in GRID_TS],
                          row_labels=[classes[i] for i in range(len(cols[0]))], title=f"DiffAug views, UNet {den.name}")
