@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from . import __version__, augment, load_denoiser
 from .distributed import barrier, gather_objects, init_distributed
+from .hardware import fast_half_dtype
 from .io import atomic_write_bytes
 
 __all__ = ["view_seed", "view_t", "view_noise", "pick_view", "BankReader", "build_bank", "verify_bank", "BankError",
@@ -195,10 +196,8 @@ def unet_gflops(denoiser, size: int) -> float:
 
 
 def _unet_dtype(half: bool, device: torch.device) -> torch.dtype:
-    """Half precision where it is fast: fp16 on GPU, bf16 on CPU (fp16 convolutions are slow there)."""
-    if not half:
-        return torch.float32
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+    """Half precision where the device computes it natively (fp16 on GPU, bf16 on AMX/AVX512-BF16 CPUs)."""
+    return (fast_half_dtype(device) if half else None) or torch.float32
 
 
 def _encode(img: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -478,7 +477,7 @@ def main(argv: list[str] | None = None):
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--shard-images", type=int, default=SHARD_IMAGES)
     b.add_argument("--half", action=argparse.BooleanOptionalAction, default=True,
-                   help="half-precision UNet (fp16 on GPU, bf16 on CPU)")
+                   help="half-precision UNet where the device computes it natively (fp16 GPU, bf16 AMX CPU)")
     b.add_argument("--loader", default="auto")
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)

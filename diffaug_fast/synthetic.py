@@ -78,7 +78,7 @@ def make_synthetic_dataset(
     root: str | Path | None = None,
     *,
     train_per_class: int = 40,
-    val_per_class: int = 16,
+    val_per_class: int = 12,
     size: int = 64,
     severities: tuple[int, ...] = (3,),
     seed: int = 0,

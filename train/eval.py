@@ -23,6 +23,7 @@ import torchvision
 
 import diffaug_fast as df
 from diffaug_fast.ensemble import DE_TIMESTEPS, evaluate_corruptions, evaluate_folder
+from diffaug_fast.hardware import fast_half_dtype
 from diffaug_fast.io import atomic_write_bytes
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             den = df.load_denoiser(a.unet, a.unet_preset, device=device)
         except df.CheckpointError as e:
             raise SystemExit(f"--unet {a.unet}: {e}") from None
-    amp = (torch.float16 if device.type == "cuda" else torch.bfloat16) if a.amp else None
+    amp = fast_half_dtype(device) if a.amp else None  # None: no native half precision here, float32
     kw = dict(batch_size=a.batch_size, backend=a.loader, device=device, denoiser=den, timesteps=DE_TIMESTEPS,
               autocast_dtype=amp, seed=a.seed, **geometry)
 

@@ -52,6 +52,7 @@ from diffaug_fast.ensemble import (
     evaluate_corruptions,
     evaluate_folder,
 )
+from diffaug_fast.hardware import fast_half_dtype
 from diffaug_fast.io import atomic_save
 from diffaug_fast.ops.fused import to_unit
 from diffaug_fast.synthetic import make_synthetic_dataset
@@ -100,7 +101,8 @@ class Settings:
 
 
 # The embedded demo (no --data): synthetic 64 px images, 4 classes x 40; sized to train in a few minutes on 2 cores.
-DEMO = dict(epochs=6, batch_size=32, lr=0.01, image_size=48, resize_size=55, unet_preset="adm-tiny", bench_steps=3)
+DEMO = dict(epochs=6, batch_size=32, lr=0.005, image_size=48, resize_size=55, unet_preset="adm-tiny", diffaug_fraction=0.5,
+            bench_steps=3)
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -127,6 +129,15 @@ def check_data_root(root: Path) -> None:
     if missing:
         raise SystemExit(f"--data {root}: expected sub-folders train/ and val/ (one folder per class inside "
                          f"each, the ImageNet layout); missing: {', '.join(missing)}")
+
+
+def amp_dtype_for(device: torch.device, say) -> torch.dtype | None:
+    """--amp: fp16 on GPU, bf16 on a CPU with native bf16, else float32 (bf16 emulation is far slower)."""
+    dtype = fast_half_dtype(device)
+    if dtype is None:
+        say(f"--amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16, where bf16 autocast "
+            "is ~25x slower than float32: training in float32")
+    return dtype
 
 
 def load_unet(s: Settings, device: torch.device) -> df.Denoiser:
@@ -290,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.SGD([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                           lr=lr, momentum=s.momentum)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=s.lr_step, gamma=s.lr_gamma)
-    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if s.amp else None
+    amp_dtype = amp_dtype_for(device, say) if s.amp else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     den = load_unet(s, device) if s.diffaug == "online" or (bank_dir and s.diffaug_fraction > 0) else None
 
