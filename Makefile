@@ -23,7 +23,7 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 demo: setup
-	$(BIN)/python -m diffaug_fast.demo
+	$(BIN)/python train/rn50.py --amp
 
 bench: setup
 	$(BIN)/python -m pytest bench/ --benchmark-only

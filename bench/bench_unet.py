@@ -4,7 +4,7 @@ Reference: guided_diffusion's UNetModel called the way the DiffAug reference cod
 ``diffusion.p_sample(model, x_t, t, clip_denoised=True)['pred_xstart']`` (fp32; fp16 = convert_to_fp16 under
 autocast; bf16 = the same with bfloat16). Ours: ``Denoiser(x_t, t)`` + the x0 step (``ops.reference``).
 
-Reported per case in extra_info (see it with --benchmark-json=FILE): img/s, GFLOP/s (FLOPs of the full UNet forward,
+Reported per case in extra_info (--benchmark-json=FILE) and as a line at the end of the run: img/s, GFLOP/s (FLOPs of the full UNet forward,
 counted once with torch.utils.flop_counter on the meta device, the same figure for every case, so
 "effective" GFLOP/s for Winograd), the fraction of this machine's peak for the case's dtype measured in the
 same run (best of a matmul and a 256-channel 3x3 conv at 56x56), the speed-up over the reference fp32
@@ -19,8 +19,8 @@ minutes each; they run only with DIFFAUG_BENCH_ALL=1.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,11 +29,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import oracle_model_and_diffusion, randomize_  # noqa: E402
+import diffaug_fast as df
+from diffaug_fast.ops import reference
 
-import diffaug_fast as df  # noqa: E402
-from diffaug_fast.ops import reference  # noqa: E402
+
+def _load_test_helpers():
+    """tests/conftest.py by path: `import conftest` would find bench/conftest.py."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("diffaug_tests_conftest", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_helpers = _load_test_helpers()
+oracle_model_and_diffusion, randomize_ = _helpers.oracle_model_and_diffusion, _helpers.randomize_
 
 SIZE = 224
 T = 500
@@ -132,7 +142,7 @@ def _ours_fn(st: dict, dtype: torch.dtype, opts: dict):
 
 @pytest.mark.parametrize("case,dtype,opts", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("preset", PRESETS)
-def test_unet(benchmark, peaks, preset, case, dtype, opts):
+def test_unet(benchmark, peaks, request, preset, case, dtype, opts):
     cpu = not torch.cuda.is_available()
     heavy = (opts or {}).get("compile") or (cpu and dtype in LOW and (opts is None or preset == "adm256-uncond"))
     if heavy and not os.environ.get("DIFFAUG_BENCH_ALL"):
@@ -158,3 +168,10 @@ def test_unet(benchmark, peaks, preset, case, dtype, opts):
         r["speedup_vs_ref_fp32"] = ref_sec / sec
         r["rel_err_vs_ref_fp32"] = ((out - ref_out).norm() / ref_out.norm()).item()
     benchmark.extra_info.update(r)
+    report = getattr(request.config, "bench_report", None)  # printed at the end by bench/conftest.py
+    if report is not None:
+        report.append(f"unet {preset} {case:20} {sec:8.3f} s/img {1 / sec:7.3f} img/s {r['gflop_per_s']:7.1f} GFLOP/s "
+                      f"{100 * r['peak_fraction']:4.0f}% of {dtype} peak ({peaks[dtype]:.0f}) "
+                      f"x{r.get('speedup_vs_ref_fp32', float('nan')):.2f} vs ref-fp32, "
+                      f"pred_xstart rel err {r.get('rel_err_vs_ref_fp32', float('nan')):.1e}; "
+                      f"load {r['load_avg_1min']:.1f}")

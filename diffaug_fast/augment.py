@@ -3,33 +3,50 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from .denoiser import Denoiser
-from .ops import reference
+from .ops import fused
 
-__all__ = ["augment", "resolve_timesteps", "check_images"]
+__all__ = ["augment", "resolve_timesteps", "check_images", "as_nchw"]
 
 # Inputs may come from float16 loaders or resampling that overshoots slightly; more than this is a
 # different convention ([0, 1], [0, 255], mean/std-normalized), which we name in the error.
 _RANGE_TOL = 1e-2
 
 
-def check_images(x: torch.Tensor, denoiser: Denoiser, name: str = "x") -> None:
-    """Raise a clear error unless x is float NCHW [B, C, H, W] in [-1, 1] the denoiser can take."""
+def as_nchw(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The [B, C, H, W] view of x: uint8 pixels come NHWC [B, H, W, C] (DALI's output) and are permuted."""
+    if x.dtype == torch.uint8 and x.dim() == 4 and x.shape[-1] == channels:
+        return x.permute(0, 3, 1, 2)
+    return x
+
+
+def check_images(
+    x: torch.Tensor,
+    denoiser: Denoiser,
+    name: str = "x",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> None:
+    """Raise a clear error unless x is a batch the denoiser can take: float NCHW [B, C, H, W] in [-1, 1]
+    (or normalized with mean/std, i.e. (x01 - mean) / std with x01 in [0, 1]), or uint8 NHWC [B, H, W, C]."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     cin = denoiser.config.in_channels
+    pixels = x.dtype == torch.uint8 and x.dim() == 4 and x.shape[-1] == cin
+    x = as_nchw(x, cin)
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D NCHW [B, {cin}, H, W]; got shape {tuple(x.shape)}")
     if x.shape[1] != cin:
         hint = " (it looks channels-last NHWC: use x.permute(0, 3, 1, 2))" if x.shape[-1] == cin else ""
         raise ValueError(f"{name} must have {cin} channels in dim 1 (NCHW); got shape {tuple(x.shape)}{hint}")
-    if not x.is_floating_point():
+    if not (x.is_floating_point() or pixels):
         raise TypeError(
             f"{name} has integer dtype {x.dtype}; DiffAug takes float images in [-1, 1] "
-            "(for uint8 pixels: x.float() / 127.5 - 1)"
+            f"(for uint8 pixels: x.float() / 127.5 - 1, or pass them NHWC [B, H, W, {cin}])"
         )
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch")
@@ -40,12 +57,21 @@ def check_images(x: torch.Tensor, denoiser: Denoiser, name: str = "x") -> None:
             f"{name} is {h}x{w}, but the UNet downsamples {down}x in total, so H and W must be multiples of "
             f"{down} (e.g. crop to {max(down, h // down * down)}x{max(down, w // down * down)})"
         )
+    if pixels or torch.compiler.is_compiling():  # uint8 is in range by type; value checks would sync
+        return
+    if mean is not None:  # back to [0, 1], then to [-1, 1], per channel
+        m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        x = 2 * (x.detach().float() * s + m) - 1
     lo, hi = (v.item() for v in torch.aminmax(x.detach()))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     if lo < -1 - _RANGE_TOL or hi > 1 + _RANGE_TOL:
         guess = (" it looks like [0, 255] pixels: use x / 127.5 - 1" if hi > 2 and lo >= 0
                  else " it looks mean/std-normalized: undo the normalization, then map [0, 1] to [-1, 1]")
+        if mean is not None:
+            raise ValueError(f"{name} normalized with mean={list(mean)}, std={list(std)} maps to [{lo:.3g}, {hi:.3g}] "
+                             "in [-1, 1] units: are mean/std the ones the loader used?")
         raise ValueError(f"{name} must lie in [-1, 1]; its values span [{lo:.3g}, {hi:.3g}]:{guess}")
 
 
@@ -75,10 +101,34 @@ def resolve_timesteps(
         t = torch.full((batch,), t, dtype=torch.long, device=device)
     else:
         raise TypeError(f"t must be None, an int or an integer tensor; got {type(t).__name__}")
+    if torch.compiler.is_compiling():  # .item() would break the graph; the kernels index the table with t
+        return t
     lo, hi = (v.item() for v in torch.aminmax(t))
     if lo < 0 or hi >= num_steps:
         raise ValueError(f"t out of range: values span [{lo}, {hi}], the schedule has steps 0..{num_steps - 1}")
     return t
+
+
+def _check_params(mean, std, channels: int) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std (the classifier's normalization), or neither")
+    if mean is None:
+        return None, None
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std need {channels} values each (one per channel); got {mean}, {std}")
+    if any(not math.isfinite(v) or v == 0 for v in std):
+        raise ValueError(f"std must be finite and non-zero; got {std}")
+    return mean, std
+
+
+def _check_out(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.shape != like.shape:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out must be a tensor of shape {tuple(like.shape)} (NCHW); got {shape}")
+    if not out.is_floating_point() or out.device != like.device:
+        raise TypeError(f"out must be a float tensor on {like.device}; got {out.dtype} on {out.device}")
+    return out
 
 
 def augment(
@@ -90,28 +140,61 @@ def augment(
     generator: torch.Generator | None = None,
     t_range: tuple[int, int] | None = None,
     clip: bool = True,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """DiffAug: the one-step denoised estimate x0_hat of a noised copy of x.
 
-    x: float [B, 3, H, W] in [-1, 1], H and W multiples of ``denoiser.total_downsampling``.
+    x: float [B, 3, H, W] in [-1, 1], H and W multiples of ``denoiser.total_downsampling``; or, with
+    ``mean``/``std`` (the classifier's per-channel normalization), float (x01 - mean) / std with x01 in
+    [0, 1]; or uint8 pixels NHWC [B, H, W, 3] (DALI's output), mapped as 2 * (p / 255) - 1. Any strides.
     t: None (uniform integers in ``t_range``, one per image), an int, or an integer tensor [B].
     t_range: (lo, hi), half-open; default (0, T) with T the schedule's steps, i.e. (0, 1000) for ADM.
-    noise: None (drawn from N(0, 1) with ``generator``) or a tensor shaped like x.
-    Returns x0_hat with x's shape, dtype and device, clamped to [-1, 1] when ``clip``. No autograd graph
-    is built through the UNet. The same generator state gives the same t, noise and output.
+    noise: None (drawn from N(0, 1) with ``generator``) or a float tensor shaped like x's [B, 3, H, W] view.
+    seed, offset: instead of noise, draw it in-kernel from Philox4x32-10 (element i of the [B, 3, H, W]
+    view uses counter offset + i): same (seed, offset) -> same noise on every backend and layout. Give
+    the next call offset + x's element count for fresh noise. t is still drawn with ``generator``.
+    out: write the result here ([B, 3, H, W], any float dtype and strides, e.g. ``batch[B:]`` of a
+    preallocated [clean; diffaug] batch) and return it.
+    backend: "cuda", "triton", "cpp", "reference" or None ($DIFFAUG_BACKEND, else the fastest available).
+    Returns x0_hat [B, 3, H, W], clamped to [-1, 1] when ``clip``, normalized with mean/std when given;
+    dtype and layout of x (float32 for uint8 input) unless ``out`` is given. The UNet sees x_t in its
+    own dtype. No autograd graph is built through the UNet. The same generator state (or seed) gives
+    the same t, noise and output.
     """
-    check_images(x, denoiser)
+    cin = denoiser.config.in_channels
+    mean, std = _check_params(mean, std, cin)
+    check_images(x, denoiser, mean=mean, std=std)
+    xv = as_nchw(x, cin).detach()
     t = resolve_timesteps(t, x.shape[0], denoiser.num_steps, t_range, x.device, generator)
-    if noise is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    philox = None
+    if seed is not None:
+        if noise is not None:
+            raise ValueError("give either noise or seed (in-kernel Philox noise), not both")
+        if not isinstance(seed, int) or not isinstance(offset, int) or offset < 0:
+            raise TypeError(f"seed and offset must be ints (offset >= 0); got {seed!r}, {offset!r}")
+        philox = torch.tensor([seed, offset], dtype=torch.int64, device=x.device)
+    elif noise is None:
+        noise = torch.randn(xv.shape, generator=generator, device=x.device, dtype=torch.float32)
     else:
-        if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
+        if not isinstance(noise, torch.Tensor) or noise.shape != xv.shape:
             shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
-            raise ValueError(f"noise must be a tensor shaped like x {tuple(x.shape)}; got {shape}")
+            raise ValueError(f"noise must be a tensor shaped like x {tuple(xv.shape)}; got {shape}")
         if not noise.is_floating_point():
             raise TypeError(f"noise must be a float tensor, got {noise.dtype}")
-        noise = noise.to(device=x.device, dtype=torch.float32)
-    coef = denoiser.schedule.gather(t)
+        noise = noise.detach().to(device=x.device, dtype=torch.float32)
+    name = fused.resolve_backend(backend, x.device)
+    if out is None:
+        out = torch.empty_like(xv, dtype=x.dtype if x.is_floating_point() else torch.float32)
+    else:
+        out = _check_out(out, xv)
+    table = denoiser.schedule.coefficient_table(x.device)
     with torch.no_grad():
-        x0 = reference.diffaug(x.float(), noise, coef, lambda x_t: denoiser(x_t, t), clip)
-    return x0.to(x.dtype)
+        # x_t in the UNet's dtype (the UNet would cast to it anyway); channels_last on GPU for its convs
+        x_t = fused.pre(xv, t, table, noise, philox, mean, std, denoiser.dtype, x.is_cuda, name)
+        fused.post(denoiser(x_t, t), x_t, t, table, mean, std, clip, name, out)
+    return out

@@ -1,0 +1,176 @@
+// CUDA kernels for diffaug_fast_ext::pre / post: one thread per pixel (b, h, w), looping over the C
+// channels, so neighbouring threads touch neighbouring addresses in both NCHW and channels_last layouts.
+// Per-element math: augment_math.h, shared with the CPU kernel (built with --fmad=false, see there).
+// Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuSPARSE, which minimal toolkits lack.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "augment_args.h"
+#include "augment_math.h"
+
+namespace diffaug {
+namespace {
+
+constexpr int kMaxC = 4;  // DiffAug denoisers take RGB; one spare for RGBA-style inputs
+constexpr int kThreads = 256;
+
+struct Strides {
+  int64_t b, c, h, w;
+};
+Strides strides_of(const at::Tensor& a) { return {a.stride(0), a.stride(1), a.stride(2), a.stride(3)}; }
+
+struct PreArgs {
+  int64_t B, C, H, W;
+  Strides sx, sn, st;
+  const int64_t* t;
+  const float* table;
+  const int64_t* philox;  // device int64 [2] (seed, offset): read in-kernel, so CUDA graphs can replay it
+  float mean[kMaxC], stdv[kMaxC];
+  int table_steps;
+};
+
+template <typename TX, typename TT, bool NOISE, int MODE>
+__global__ void pre_kernel(const TX* __restrict__ x, const float* __restrict__ noise, TT* __restrict__ x_t, PreArgs a) {
+  const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pix >= a.B * a.H * a.W) return;
+  const int64_t w = pix % a.W, h = (pix / a.W) % a.H, b = pix / (a.W * a.H);
+  const int64_t s = a.t[b];
+  const float sa = a.table[s * 4 + 0], s1ma = a.table[s * 4 + 1];
+  uint64_t seed = 0, offset = 0;
+  if (!NOISE) {
+    seed = static_cast<uint64_t>(a.philox[0]);
+    offset = static_cast<uint64_t>(a.philox[1]);
+  }
+  for (int64_t c = 0; c < a.C; ++c) {
+    const float v = static_cast<float>(x[b * a.sx.b + c * a.sx.c + h * a.sx.h + w * a.sx.w]);
+    const float x0 = MODE == 2 ? pixel_to_unit(v) : (MODE == 1 ? normalized_to_unit(v, a.mean[c], a.stdv[c]) : v);
+    const float z = NOISE ? noise[b * a.sn.b + c * a.sn.c + h * a.sn.h + w * a.sn.w]
+                          : philox_normal(offset + static_cast<uint64_t>(((b * a.C + c) * a.H + h) * a.W + w), seed);
+    x_t[b * a.st.b + c * a.st.c + h * a.st.h + w * a.st.w] = static_cast<TT>(q_sample(x0, z, sa, s1ma));
+  }
+}
+
+struct PostArgs {
+  int64_t B, C, H, W;
+  Strides se, st, so;
+  const int64_t* t;
+  const float* table;
+  float mean[kMaxC], stdv[kMaxC];
+  bool clip, norm;
+};
+
+template <typename TM, typename TT, typename TO>
+__global__ void post_kernel(const TM* __restrict__ eps, const TT* __restrict__ x_t, TO* __restrict__ out, PostArgs a) {
+  const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pix >= a.B * a.H * a.W) return;
+  const int64_t w = pix % a.W, h = (pix / a.W) % a.H, b = pix / (a.W * a.H);
+  const int64_t s = a.t[b];
+  const float sr = a.table[s * 4 + 2], srm1 = a.table[s * 4 + 3];
+  for (int64_t c = 0; c < a.C; ++c) {
+    const float x0 = predict_x0(static_cast<float>(x_t[b * a.st.b + c * a.st.c + h * a.st.h + w * a.st.w]),
+                                static_cast<float>(eps[b * a.se.b + c * a.se.c + h * a.se.h + w * a.se.w]), sr, srm1,
+                                a.clip);
+    out[b * a.so.b + c * a.so.c + h * a.so.h + w * a.so.w] =
+        static_cast<TO>(a.norm ? unit_to_normalized(x0, a.mean[c], a.stdv[c]) : x0);
+  }
+}
+
+void fill_params(float* dst_mean, float* dst_std, const std::vector<float>& m, const std::vector<float>& s) {
+  for (size_t c = 0; c < m.size(); ++c) {
+    dst_mean[c] = m[c];
+    dst_std[c] = s[c];
+  }
+}
+
+int blocks_for(int64_t pixels) { return static_cast<int>((pixels + kThreads - 1) / kThreads); }
+
+void pre_cuda(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table,
+              const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& philox,
+              std::optional<c10::ArrayRef<double>> mean, std::optional<c10::ArrayRef<double>> stdv, at::Tensor& x_t) {
+  check_pre(x, t, table, noise, philox, x_t);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(C <= kMaxC, "the CUDA kernel supports at most ", kMaxC, " channels");
+  const auto m = channel_params(mean, C, "mean"), s = channel_params(stdv, C, "std");
+  TORCH_CHECK(m.size() == s.size(), "give both mean and std, or neither");
+  auto tc = t.contiguous();
+  auto tab = table.contiguous();
+  auto ph = philox ? philox->contiguous() : at::Tensor();
+  PreArgs a{B, C, H, W, strides_of(x), noise ? strides_of(*noise) : Strides{0, 0, 0, 0}, strides_of(x_t),
+            tc.data_ptr<int64_t>(), tab.data_ptr<float>(), philox ? ph.data_ptr<int64_t>() : nullptr, {}, {},
+            static_cast<int>(tab.size(0))};
+  fill_params(a.mean, a.stdv, m, s);
+  if (B * H * W == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const float* N = noise ? noise->data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "diffaug_pre_xt", [&] {
+    using TT = scalar_t;
+    if constexpr (!std::is_same_v<TT, double>) {
+      auto launch = [&](auto tx, auto noise_flag, auto mode) {
+        using TX = decltype(tx);
+        pre_kernel<TX, TT, decltype(noise_flag)::value, decltype(mode)::value>
+            <<<blocks_for(B * H * W), kThreads, 0, stream>>>(x.data_ptr<TX>(), N, x_t.data_ptr<TT>(), a);
+      };
+      auto by_noise = [&](auto tx, auto mode) {
+        if (noise) launch(tx, std::true_type{}, mode);
+        else launch(tx, std::false_type{}, mode);
+      };
+      if (x.scalar_type() == at::kByte) {
+        by_noise(uint8_t{}, std::integral_constant<int, 2>{});
+      } else {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffaug_pre_x", [&] {
+          if (!m.empty()) by_noise(scalar_t{}, std::integral_constant<int, 1>{});
+          else by_noise(scalar_t{}, std::integral_constant<int, 0>{});
+        });
+      }
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void post_cuda(const at::Tensor& model_out, const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& table,
+               std::optional<c10::ArrayRef<double>> mean, std::optional<c10::ArrayRef<double>> stdv, bool clip,
+               at::Tensor& out) {
+  check_post(model_out, x_t, t, table, out);
+  const c10::cuda::CUDAGuard guard(x_t.device());
+  const int64_t B = x_t.size(0), C = x_t.size(1), H = x_t.size(2), W = x_t.size(3);
+  TORCH_CHECK(C <= kMaxC, "the CUDA kernel supports at most ", kMaxC, " channels");
+  const auto m = channel_params(mean, C, "mean"), s = channel_params(stdv, C, "std");
+  TORCH_CHECK(m.size() == s.size(), "give both mean and std, or neither");
+  auto tc = t.contiguous();
+  auto tab = table.contiguous();
+  PostArgs a{B, C, H, W, strides_of(model_out), strides_of(x_t), strides_of(out), tc.data_ptr<int64_t>(),
+             tab.data_ptr<float>(), {}, {}, clip, !m.empty()};
+  fill_params(a.mean, a.stdv, m, s);
+  if (B * H * W == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_out.scalar_type(), "diffaug_post_eps", [&] {
+    using TM = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "diffaug_post_xt", [&] {
+      using TT = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diffaug_post_out", [&] {
+        using TO = scalar_t;
+        if constexpr (!std::is_same_v<TM, double> && !std::is_same_v<TT, double>) {
+          post_kernel<TM, TT, TO><<<blocks_for(B * H * W), kThreads, 0, stream>>>(
+              model_out.data_ptr<TM>(), x_t.data_ptr<TT>(), out.data_ptr<TO>(), a);
+        }
+      });
+    });
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(diffaug_fast_ext, CUDA, m) {
+  m.impl("pre", &pre_cuda);
+  m.impl("post", &post_cuda);
+}
+
+}  // namespace diffaug

@@ -1,0 +1,21 @@
+// The one place where the extension's op schemas live. Implementations register per dispatch key:
+// augment_cpu.cpp (CPU, OpenMP) and augment_cuda.cu (CUDA). Both ops write into a caller-allocated
+// tensor; the functional, torch.compile-facing ops are diffaug_fast::pre / post in
+// diffaug_fast/ops/fused.py, which call these.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(diffaug_fast_ext, m) {
+  // x: [B, C, H, W] view (uint8 pixels, or float in [-1, 1], or classifier-normalized when mean/std given);
+  // noise: float32 like x, or philox: int64 [2] (seed, offset). Writes x_t (float32/16/bf16, any strides).
+  m.def("pre(Tensor x, Tensor t, Tensor table, Tensor? noise, Tensor? philox, float[]? mean, float[]? std, "
+        "Tensor(a!) x_t) -> ()");
+  // model_out: [B, C or 2C, H, W] (eps = first C channels, read in place); writes x0 (normalized with
+  // mean/std when given) into out (any float dtype and strides, e.g. a slice of a larger batch).
+  m.def("post(Tensor model_out, Tensor x_t, Tensor t, Tensor table, float[]? mean, float[]? std, bool clip, "
+        "Tensor(a!) out) -> ()");
+}
+
+// `import diffaug_fast._C` loads this library, which runs the registrations above.
+static struct PyModuleDef diffaug_module = {PyModuleDef_HEAD_INIT, "_C", "diffaug-fast fused ops", -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&diffaug_module); }

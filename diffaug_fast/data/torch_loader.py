@@ -1,0 +1,92 @@
+"""torchvision/PIL fallback: a DataLoader over the same plan and boxes as the DALI backend.
+
+Workers decode with PIL (libjpeg-turbo, like DALI's CPU decoder: same pixels, measured 0 levels apart on
+RGB, grayscale and CMYK JPEGs) and resample each view box straight to 224x224 with PIL's antialiased
+bilinear filter (``Image.resize(box=...)``, what torchvision's Resize uses on PIL images). Batches leave the
+workers as uint8 NHWC; normalisation (output="float") runs once per batch in the main process, on the
+loader's device.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .loader import Loader
+from .plan import center_box, train_boxes
+
+__all__ = ["TorchLoader", "ViewDataset"]
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Map-style dataset keyed by (epoch, dataset index) -> dict of uint8 HWC views and the index."""
+
+    def __init__(self, files: list[str], sizes: np.ndarray, split: str, seed: int, crop: int = 224,
+                 resize: int = 256, extra_views: dict | None = None):
+        self.files, self.sizes, self.split, self.seed = files, sizes, split, seed
+        self.crop, self.resize, self.extra_views = crop, resize, dict(extra_views or {})
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, i = key
+        with Image.open(self.files[i]) as im:
+            img = im.convert("RGB")
+        h, w = (int(s) for s in self.sizes[i])
+        if img.size != (w, h):
+            raise RuntimeError(f"{self.files[i]}: size {img.size} differs from the scan's {(w, h)} "
+                               "(file changed? rescan with cache=False)")
+        crop = (self.crop, self.crop)
+        y0, x0, y1, x1 = center_box(h, w, self.resize, self.crop)
+        center = img.resize(crop, Image.BILINEAR, box=(x0, y0, x1, y1))
+        extra = {name: torch.from_numpy(np.array(Image.open(io.BytesIO(fn(epoch, i))).convert("RGB")))
+                 for name, fn in self.extra_views.items()}
+        if self.split != "train":
+            return {"image": torch.from_numpy(np.array(center)), "index": i, **extra}
+        (top, left, ch, cw), flip = train_boxes(self.seed, epoch, i, h, w)
+        clean = img.resize(crop, Image.BILINEAR, box=(left, top, left + cw, top + ch))
+        if flip:
+            clean = clean.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return {"clean": torch.from_numpy(np.array(clean)), "diffaug": torch.from_numpy(np.array(center)),
+                "index": i, **extra}
+
+
+class _Batches:
+    """Batch sampler over a fixed list of plan batches, items keyed by (epoch, index)."""
+
+    def __init__(self, batches: list[np.ndarray], epoch: int):
+        self.batches, self.epoch = batches, epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for b in self.batches:
+            yield [(self.epoch, int(i)) for i in b]
+
+
+class TorchLoader(Loader):
+    backend = "torch"
+
+    def __init__(self, index, split, *, prefetch: int = 2, **kw):
+        super().__init__(index, split, **kw)
+        self.prefetch = prefetch
+        self._dataset = ViewDataset(index.files, self._sizes, split, self.seed, self.crop_size, self.resize_size,
+                                    self.extra_views)
+
+    def _produce(self, batches: list[np.ndarray], epoch: int) -> Iterator[dict]:
+        if not batches:
+            return
+        workers = self.num_workers
+        dl = torch.utils.data.DataLoader(
+            self._dataset, batch_sampler=_Batches(batches, epoch), num_workers=workers,
+            prefetch_factor=self.prefetch if workers > 0 else None, pin_memory=self.device.type == "cuda",
+        )
+        for out in dl:
+            out["index"] = out["index"].to(torch.int64)
+            yield out

@@ -1,0 +1,165 @@
+"""Evaluation with DiffAug Ensemble (DE): average the classifier's softmax over DiffAug'd copies.
+
+For S = {0, 50, ..., 450} (t = 0 is the unmodified image) each copy gets fresh noise; the prediction is
+the argmax of the mean probability. For datasets that cover a subset of the training classes
+(ImageNet-R, ImageNet-A: 200 classes) the logits are sliced to those classes before the softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .augment import augment
+from .denoiser import Denoiser
+
+__all__ = ["DE_TIMESTEPS", "IMAGENET_MEAN", "IMAGENET_STD", "ensemble_probs", "evaluate", "subset_indices", "evaluate_folder", "evaluate_corruptions"]
+
+DE_TIMESTEPS: tuple[int, ...] = tuple(range(0, 500, 50))
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def subset_indices(eval_classes: Sequence[str], train_classes: Sequence[str]) -> list[int] | None:
+    """Indices of ``eval_classes`` in the classifier's output order, or None when they are the same set.
+
+    ImageNet-R / ImageNet-A folders are named by WordNet id like the ImageNet train folders, so the
+    200-class slice is found by name; a class the classifier never saw is an error, not a silent guess.
+    """
+    if list(eval_classes) == list(train_classes):
+        return None
+    pos = {c: i for i, c in enumerate(train_classes)}
+    unknown = [c for c in eval_classes if c not in pos]
+    if unknown:
+        raise ValueError(f"{len(unknown)} evaluation classes are not among the classifier's "
+                         f"{len(train_classes)} training classes, e.g. {unknown[:3]}")
+    return [pos[c] for c in eval_classes]
+
+
+@torch.no_grad()
+def ensemble_probs(
+    model: nn.Module,
+    x: torch.Tensor,
+    denoiser: Denoiser | None,
+    *,
+    timesteps: Iterable[int] = DE_TIMESTEPS,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    class_idx: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Softmax probabilities [len(timesteps), B, K] for each DiffAug'd copy of x (normalized input).
+
+    The mean over dim 0 is the DE prediction; entry 0 with timesteps[0] == 0 is the plain prediction.
+    """
+    timesteps = list(timesteps)
+    if any(t != 0 for t in timesteps) and denoiser is None:
+        raise ValueError("DiffAug Ensemble with t > 0 needs a denoiser")
+    idx = None if class_idx is None else torch.as_tensor(list(class_idx), device=x.device)
+    out = []
+    for t in timesteps:
+        # the fused op reads and writes the classifier's normalization and keeps x's layout
+        view = x if t == 0 else augment(x, denoiser, t=t, generator=generator, mean=mean, std=std)
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            logits = model(view).float()
+        if idx is not None:
+            logits = logits.index_select(1, idx)
+        out.append(logits.softmax(dim=1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    denoiser: Denoiser | None = None,
+    *,
+    timesteps: Sequence[int] = DE_TIMESTEPS,
+    class_idx: Sequence[int] | None = None,
+    seed: int = 0,
+    **kw,
+) -> dict[str, float]:
+    """Top-1 (%) plain and with DE over (images, labels) batches; labels index the evaluated classes."""
+    model.eval()
+    g = None
+    correct_plain = correct_de = n = 0
+    use_de = denoiser is not None and len(timesteps) > 1
+    for x, y in batches:
+        if g is None:
+            g = torch.Generator(device=x.device).manual_seed(seed)
+        ts = list(timesteps) if use_de else [0]
+        if ts[0] != 0:
+            ts = [0, *ts]  # the plain prediction is always reported
+        probs = ensemble_probs(model, x, denoiser if use_de else None, timesteps=ts, class_idx=class_idx,
+                               generator=g, **kw)
+        y = y.to(probs.device)
+        correct_plain += (probs[0].argmax(1) == y).sum().item()
+        de = probs[[i for i, t in enumerate(ts) if t in timesteps]].mean(0)
+        correct_de += (de.argmax(1) == y).sum().item()
+        n += y.numel()
+    if n == 0:
+        raise ValueError("evaluation saw no images")
+    res = {"n": n, "top1": 100.0 * correct_plain / n}
+    if use_de:
+        res["top1_de"] = 100.0 * correct_de / n
+    return res
+
+
+def _val_batches(index, *, batch_size, backend, device, **geometry):
+    from .data import build_loader
+
+    loader = build_loader(index, "val", batch_size=batch_size, backend=backend, output="float", channels_last=True,
+                          device=device if device is not None and torch.device(device).type == "cuda" else None,
+                          **geometry)
+    for batch in loader:
+        yield batch["image"].to(device), batch["label"]
+
+
+def evaluate_folder(
+    model: nn.Module,
+    index_or_root,
+    train_classes: Sequence[str],
+    *,
+    batch_size: int = 64,
+    backend: str = "auto",
+    device: torch.device | str = "cpu",
+    denoiser: Denoiser | None = None,
+    timesteps: Sequence[int] = DE_TIMESTEPS,
+    autocast_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    **geometry,
+) -> dict[str, float]:
+    """Top-1 on a class-folder dataset (path or scanned index), plain and (with a denoiser) DE.
+
+    Folders that name a subset of the training classes (ImageNet-R/A) are scored on that subset.
+    """
+    from .data import scan_dataset
+
+    index = scan_dataset(index_or_root, progress=False) if isinstance(index_or_root, (str, Path)) else index_or_root
+    class_idx = subset_indices(index.classes, train_classes)
+    batches = _val_batches(index, batch_size=batch_size, backend=backend, device=torch.device(device), **geometry)
+    res = evaluate(model, batches, denoiser, timesteps=timesteps, class_idx=class_idx, seed=seed,
+                   autocast_dtype=autocast_dtype)
+    res["classes"] = len(index.classes)
+    return res
+
+
+def evaluate_corruptions(model: nn.Module, root, train_classes: Sequence[str], **kw) -> list[dict]:
+    """ImageNet-C layout ``root/<corruption>/<severity>/<class>/*``: one row per corruption and severity."""
+    root = Path(root)
+    rows = []
+    corruptions = sorted(p for p in root.iterdir() if p.is_dir())
+    if not corruptions:
+        raise ValueError(f"{root}: expected <corruption>/<severity>/<class>/ folders (the ImageNet-C layout)")
+    for cdir in corruptions:
+        sev_dirs = sorted((p for p in cdir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        if not sev_dirs:
+            raise ValueError(f"{cdir}: expected numbered severity folders (1..5)")
+        for sdir in sev_dirs:
+            res = evaluate_folder(model, sdir, train_classes, **kw)
+            rows.append({"corruption": cdir.name, "severity": int(sdir.name), **res})
+    return rows

@@ -1,0 +1,166 @@
+"""train/rn50.py and train/eval.py at tiny scale: learning, exact resume (1 and 2 processes), errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffaug_fast.synthetic import make_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "train" / "rn50.py"
+EVAL = REPO / "train" / "eval.py"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "syn", train_per_class=6, val_per_class=2,
+                                  size=40, severities=(2,))
+
+
+def _args(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), "--run-name", "r", "--arch", "resnet18", "--epochs", "2",
+            "--batch-size", "8", "--image-size", "32", "--resize-size", "36", "--lr", "0.05",
+            "--unet-preset", "adm-tiny", "--workers", "1", "--no-progress", "--no-de-eval", "--seed", "3", *extra]
+
+
+def _run(cmd, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600, **kw)
+
+
+def _torchrun(n, args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(TRAIN), *args]
+
+
+def _weights(out):
+    return torch.load(Path(out) / "r" / "last.pt", weights_only=True)["model"]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    diff = {k: (a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point()}
+    assert max(diff.values()) == 0.0, sorted(diff.items(), key=lambda kv: -kv[1])[:3]
+
+
+def _resume_equivalence(data, tmp_path, launch):
+    full = _run(launch(_args(data, tmp_path / "full")))
+    assert full.returncode == 0, full.stderr[-3000:]
+    # 24 images / batch 8 = 3 steps per epoch: step 4 of 6 is in the middle of epoch 2
+    cut = _run(launch(_args(data, tmp_path / "cut", "--stop-after-steps", "4")))
+    assert cut.returncode != 0 and "interrupted: checkpoint saved at epoch 1, step 1" in cut.stdout, cut.stdout
+    resumed = _run(launch(_args(data, tmp_path / "cut", "--resume")))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
+    ck = torch.load(tmp_path / "cut" / "r" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 2 and ck["position"] == 0 and ck["total_steps"] == 6
+
+
+def test_resume_mid_epoch_gives_identical_weights(data, tmp_path):
+    _resume_equivalence(data, tmp_path, lambda a: [sys.executable, str(TRAIN), *a])
+
+
+def test_resume_mid_epoch_two_process_gloo(data, tmp_path):
+    _resume_equivalence(data, tmp_path, lambda a: _torchrun(2, a))
+
+
+def test_log_states_mode_fraction_unet_and_speed(data, tmp_path):
+    res = _run([sys.executable, str(TRAIN), *_args(data, tmp_path, "--diffaug-fraction", "0.5", "--epochs", "1")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "DiffAug mode: online, fraction 0.5, UNet adm-tiny (random weights)" in res.stdout
+    assert "pretrained checkpoint" in res.stdout and "img/s" in res.stdout
+    recs = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    settings = recs[0]
+    assert settings["event"] == "settings" and settings["diffaug"] == "online" and settings["diffaug_fraction"] == 0.5
+    assert settings["batch_size"] == 8 and settings["unet_name"] == "adm-tiny (random weights)"
+    steps = [r for r in recs if r["event"] == "step"]
+    assert steps and all(r["images_in_batch"] == 12 for r in steps)  # 8 clean + 4 DiffAug views
+    assert recs[-1]["event"] == "summary" and recs[-1]["img_per_s"] > 0
+    assert json.loads((tmp_path / "r" / "classes.json").read_text())["classes"] == sorted(os.listdir(data / "train"))
+
+
+def test_loss_falls_on_learnable_set(data, tmp_path):
+    # the whole 24-image set as one batch: 20 full-batch steps (batch 8 at 32 px is too noisy for BN)
+    res = _run([sys.executable, str(TRAIN), *_args(data, tmp_path, "--epochs", "20", "--batch-size", "24",
+                                                   "--diffaug", "off", "--log-every", "1", "--lr", "0.01",
+                                                   "--eval-every", "1000")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if r["event"] == "step"]
+    assert len(losses) == 20
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, losses
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--data", "/nonexistent/data"], "no such directory"),
+        (["--diffaug-fraction", "1.5"], "must lie in"),
+        (["--batch-size", "7"], None),
+    ],
+)
+def test_bad_arguments_give_clear_errors(data, tmp_path, extra, match):
+    if match is None:  # batch not divisible by the world size: only with 2 processes (torchrun adds its
+        res = _run(_torchrun(2, _args(data, tmp_path, *extra)))  # own traceback of the failed children)
+        assert res.returncode != 0 and "--batch-size 7 is not divisible by the 2 processes" in res.stderr
+        return
+    res = _run([sys.executable, str(TRAIN), *_args(data, tmp_path, *extra)])
+    assert res.returncode != 0
+    assert match in res.stderr + res.stdout
+    assert "Traceback" not in res.stderr
+
+
+def test_data_without_train_val_layout(tmp_path):
+    (tmp_path / "flat" / "cats").mkdir(parents=True)
+    res = _run([sys.executable, str(TRAIN), *_args(tmp_path / "flat", tmp_path)])
+    assert res.returncode != 0 and "expected sub-folders train/ and val/" in res.stderr
+
+
+@pytest.mark.parametrize("kind", ["garbage", "wrong_arch"])
+def test_wrong_unet_checkpoint_gives_clear_error(data, tmp_path, kind):
+    path = tmp_path / "unet.pt"
+    if kind == "garbage":
+        path.write_bytes(b"\x00not a checkpoint")
+    else:
+        torch.save(torch.nn.Conv2d(3, 3, 1).state_dict(), path)
+    res = _run([sys.executable, str(TRAIN), *_args(data, tmp_path, "--unet", str(path))])
+    assert res.returncode != 0 and f"--unet {path}" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_eval_script_plain_de_and_corruptions(data, tmp_path):
+    res = _run([sys.executable, str(TRAIN), *_args(data, tmp_path, "--epochs", "1", "--diffaug", "off")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    # a random-weight UNet checkpoint stands in for a pretrained one
+    from conftest import oracle_model_and_diffusion
+
+    import diffaug_fast as df
+
+    unet, _ = oracle_model_and_diffusion(df.get_preset("adm-tiny"))
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    # a 2-class subset folder, like ImageNet-R/A's 200 of 1000
+    sub = tmp_path / "subset"
+    for cls in ("squares", "circles"):
+        (sub / cls).mkdir(parents=True)
+        for f in (data / "val" / cls).iterdir():
+            (sub / cls / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "eval"
+    res = _run([sys.executable, str(EVAL), "--ckpt", str(tmp_path / "r" / "last.pt"), "--val", str(data / "val"),
+                str(sub), "--imagenet-c", str(data / "val-c"), "--de", "--unet", str(tmp_path / "unet.pt"),
+                "--batch-size", "4", "--out", str(out)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [r["classes"] for r in rows[:2]] == [4, 2]
+    assert all("top1_de" in r for r in rows)
+    assert {(r["corruption"], r["severity"]) for r in rows[2:]} == {("blur", 2), ("contrast", 2), ("gaussian_noise", 2)}
+    assert (out / "results.csv").read_text().startswith("dataset,corruption,severity")
+    bad = _run([sys.executable, str(EVAL), "--ckpt", str(tmp_path / "unet.pt"), "--val", str(data / "val")])
+    assert bad.returncode != 0 and "bare state_dict" in bad.stderr
