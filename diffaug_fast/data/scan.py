@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-__all__ = ["DatasetIndex", "scan_dataset", "check_image"]
+__all__ = ["DatasetIndex", "scan_dataset", "check_image", "worker_context"]
 
 _SCAN_VERSION = 1
 # Modes whose RGB conversion DALI's CPU decoder and PIL agree on bit for bit (measured on generated files:
@@ -73,6 +74,14 @@ class DatasetIndex:
         """Write the label -> class name mapping as JSON: {"classes": [...], "root": ...}."""
         with open(path, "w") as f:
             json.dump({"root": self.root, "classes": self.classes}, f, indent=1)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Worker processes started from a clean server, never forked from this process: a fork copies the
+    locks of whatever threads run here (DALI's, OpenMP's) and a worker can wait on one forever. Seen in
+    the test suite: a DataLoader worker asleep on a futex, single-threaded, the run hung."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
 
 
 def check_image(path: str, min_size: int = 8, max_aspect: float = 20.0) -> tuple[str | None, int, int]:
@@ -237,7 +246,7 @@ def _scan(paths: list[str], settings: tuple, num_workers: int | None, progress: 
                 out.extend(_check_many(c))
                 bar.update(len(c[0]))
         else:
-            with ProcessPoolExecutor(num_workers) as pool:
+            with ProcessPoolExecutor(num_workers, mp_context=worker_context()) as pool:
                 for c, res in zip(chunks, pool.map(_check_many, chunks), strict=True):
                     out.extend(res)
                     bar.update(len(c[0]))

@@ -18,6 +18,7 @@ from PIL import Image
 
 from .loader import Loader
 from .plan import center_box, train_boxes
+from .scan import worker_context
 
 __all__ = ["TorchLoader", "ViewDataset"]
 
@@ -86,6 +87,7 @@ class TorchLoader(Loader):
         dl = torch.utils.data.DataLoader(
             self._dataset, batch_sampler=_Batches(batches, epoch), num_workers=workers,
             prefetch_factor=self.prefetch if workers > 0 else None, pin_memory=self.device.type == "cuda",
+            multiprocessing_context=worker_context() if workers > 0 else None,
         )
         for out in dl:
             out["index"] = out["index"].to(torch.int64)
