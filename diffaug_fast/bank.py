@@ -195,9 +195,12 @@ def unet_gflops(denoiser, size: int) -> float:
     return fc.get_total_flops() / 1e9
 
 
-def _unet_dtype(half: bool, device: torch.device) -> torch.dtype:
-    """Half precision where the device computes it natively (fp16 on GPU, bf16 on AMX/AVX512-BF16 CPUs)."""
-    return (fast_half_dtype(device) if half else None) or torch.float32
+def _unet_options(half: bool, conv_algo: str, compile: bool, device: torch.device) -> dict:
+    """The fast UNet path: half precision where the device computes it natively (fp16 on GPU, bf16 on
+    AMX/AVX512-BF16 CPUs), only the eps rows of the last conv, channels_last on GPU, optional compile."""
+    dtype = (fast_half_dtype(device) if half else None) or torch.float32
+    return dict(dtype=dtype, eps_only=True, channels_last=device.type == "cuda",
+                conv_algo=conv_algo if dtype == torch.float32 else "direct", compile=compile)
 
 
 def _encode(img: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -256,7 +259,8 @@ def build_bank(args: argparse.Namespace) -> dict | None:
     if index is None:
         index = scan_dataset(data, progress=False)  # reads the scan cache rank 0 wrote
     try:
-        den = load_denoiser(args.unet, args.unet_preset, device=w.device, dtype=_unet_dtype(args.half, w.device))
+        den = load_denoiser(args.unet, args.unet_preset, device=w.device, **_unet_options(args.half, args.conv_algo,
+                                                                                           args.compile, w.device))
     except Exception as e:  # CheckpointError, OSError: one clear line, no traceback
         raise SystemExit(f"--unet {args.unet}: {e}") from None
     size = args.image_size
@@ -271,6 +275,7 @@ def build_bank(args: argparse.Namespace) -> dict | None:
         "t_range": list(t_range), "views": args.views, "seed": args.seed, "format": fmt,
         "quality": None if args.lossless else args.quality, "image_size": size, "resize_size": args.resize_size,
         "shard_images": args.shard_images, "batch_size": args.batch_size, "half": bool(args.half),
+        "conv_algo": args.conv_algo,
         "recompute": "augment(view, denoiser, t=t, generator=torch.Generator().manual_seed(seed))",
     }
     plan_path = out / "plan.json"
@@ -419,7 +424,7 @@ def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = T
         if file_sha256(Path(man["checkpoint"])) != man["checkpoint_sha256"]:
             raise BankError(f"the checkpoint at {man['checkpoint']} changed since the bank was built")
         den = load_denoiser(man["checkpoint"], man["unet"] if man["unet"] != "custom" else None,
-                            dtype=_unet_dtype(man["half"], torch.device("cpu")))
+                            **_unet_options(man["half"], man["conv_algo"], False, torch.device("cpu")))
         rng = np.random.default_rng(seed)
         picks = sorted({(int(rng.integers(reader.num_images)), int(rng.integers(reader.views))) for _ in range(sample)})
         # Recompute each view inside the very batch it was built in: a conv's rounding depends on the batch
@@ -478,6 +483,9 @@ def main(argv: list[str] | None = None):
     b.add_argument("--shard-images", type=int, default=SHARD_IMAGES)
     b.add_argument("--half", action=argparse.BooleanOptionalAction, default=True,
                    help="half-precision UNet where the device computes it natively (fp16 GPU, bf16 AMX CPU)")
+    b.add_argument("--conv-algo", choices=("direct", "winograd"), default="direct",
+                   help="float32 convolutions on CPU: winograd measured 1.76x faster on adm256 at 224")
+    b.add_argument("--compile", action="store_true", help="torch.compile the UNet (one compile per batch size)")
     b.add_argument("--loader", default="auto")
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
