@@ -164,3 +164,19 @@ def test_eval_script_plain_de_and_corruptions(data, tmp_path):
     assert (out / "results.csv").read_text().startswith("dataset,corruption,severity")
     bad = _run([sys.executable, str(EVAL), "--ckpt", str(tmp_path / "unet.pt"), "--val", str(data / "val")])
     assert bad.returncode != 0 and "bare state_dict" in bad.stderr
+
+
+def test_demo_defaults_apply_only_without_data():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rn50_args", TRAIN)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["rn50_args"] = mod
+    spec.loader.exec_module(mod)
+    demo = mod.parse_args(["--amp", "--epochs", "3"])
+    assert demo.data is None and demo.amp and demo.epochs == 3  # explicit flags win over the demo's
+    assert (demo.image_size, demo.batch_size, demo.zero_init_residual) == (48, 32, True)
+    real = mod.parse_args(["--data", "/d"])
+    assert (real.epochs, real.batch_size, real.lr, real.image_size, real.zero_init_residual) == (90, 256, None, 224,
+                                                                                                 False)
+    assert real.diffaug == "online" and real.diffaug_fraction is None  # resolved to 1.0 (online) / 0.0 (bank)

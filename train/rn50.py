@@ -71,6 +71,7 @@ class Settings:
     batch_size: int = 256  # global, over all processes
     lr: float | None = None  # default 0.1 * batch_size / 256
     momentum: float = 0.9
+    zero_init_residual: bool = False  # zero the last BN of each residual branch (Goyal et al.): steadier start
     weight_decay: float = 1e-4
     lr_step: int = 30
     lr_gamma: float = 0.1
@@ -101,7 +102,8 @@ class Settings:
 
 
 # The embedded demo (no --data): synthetic 64 px images, 4 classes x 40; sized to train in a few minutes on 2 cores.
-DEMO = dict(epochs=6, batch_size=32, lr=0.005, image_size=48, resize_size=55, unet_preset="adm-tiny", diffaug_fraction=0.5,
+DEMO = dict(epochs=10, batch_size=32, lr=0.005, image_size=48, resize_size=55, unet_preset="adm-tiny", diffaug_fraction=0.5,
+            zero_init_residual=True,
             bench_steps=3)
 
 
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
                           extra_views=extra, **geometry)
 
     torch.manual_seed(s.seed)
-    model = torchvision.models.get_model(s.arch, num_classes=len(classes)).to(device)
+    extra_model_args = {"zero_init_residual": True} if s.zero_init_residual else {}
+    model = torchvision.models.get_model(s.arch, num_classes=len(classes), **extra_model_args).to(device)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if s.sync_bn and world > 1:
