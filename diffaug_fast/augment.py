@@ -162,8 +162,9 @@ def augment(
     preallocated [clean; diffaug] batch) and return it.
     backend: "cuda", "triton", "cpp", "reference" or None ($DIFFAUG_BACKEND, else the fastest available).
     Returns x0_hat [B, 3, H, W], clamped to [-1, 1] when ``clip``, normalized with mean/std when given;
-    dtype and layout of x (float32 for uint8 input) unless ``out`` is given. The UNet sees x_t in its
-    own dtype. No autograd graph is built through the UNet. The same generator state (or seed) gives
+    dtype and layout of x (float32 for uint8 input) unless ``out`` is given. x_t is written in the UNet's
+    dtype and the x0 step reads that same x_t, so x0_hat is consistent with what the UNet saw (with a
+    bf16/fp16 UNet this differs from an fp32 x0 step by up to sqrt(1/abar) x the x_t rounding). No autograd graph is built through the UNet. The same generator state (or seed) gives
     the same t, noise and output.
     """
     cin = denoiser.config.in_channels

@@ -351,3 +351,32 @@ def test_package_works_without_the_extension():
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "'cpp' is not available" in r.stdout and "not built" in r.stdout and "['reference']" in r.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_unet_sees_and_post_uses_the_same_x_t(dtype):
+    """x_t is written in the UNet's dtype and the x0 step reads that same x_t. With an ideal denoiser
+    (eps computed exactly from the x_t it is given) x0_hat is then x0 up to fp32 rounding even at t = 999;
+    an x0 step on the unrounded fp32 x_t would add sqrt(1/abar) * (x_t - round(x_t)) ~ 157 * 2^-9 |x_t|."""
+    den = df.Denoiser(df.UNet(df.get_preset("adm-tiny")).set_compute_dtype(dtype))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    t = torch.tensor([999, 600])
+    coef = TABLE[t].view(2, 4, 1, 1)
+    seen = {}
+
+    def ideal(x_t, t_model):
+        assert x_t.dtype == dtype
+        seen["x_t"] = x_t
+        eps = (x_t.float() - coef[:, 0:1] * x0) / coef[:, 1:2]
+        return torch.cat([eps, torch.zeros_like(eps)], 1)
+
+    den.forward = ideal
+    noise = torch.randn(x0.shape, generator=g)
+    got = df.augment(x0, den, t=t, noise=noise, clip=False)
+    assert (got - x0).abs().max() < 1e-3
+    # the fp32-x_t alternative, for contrast: visibly wrong at t = 999
+    x_t32 = reference.q_sample(x0, noise, TABLE[t, 0], TABLE[t, 1])
+    eps = ideal(seen["x_t"], t)[:, :3]
+    alt = reference.predict_x0(x_t32, eps, TABLE[t, 2], TABLE[t, 3], clip=False)
+    assert (alt - x0)[0].abs().max() > 0.05
