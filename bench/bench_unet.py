@@ -18,7 +18,6 @@ minutes each; they run only with DIFFAUG_BENCH_ALL=1.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 import time
@@ -114,12 +113,7 @@ def _reference_fn(st: dict, dtype: torch.dtype):
             with torch.no_grad():
                 return diffusion.p_sample(model, x_t, t, clip_denoised=True)["pred_xstart"]
         return run
-    model = copy.deepcopy(model)
-    for blocks in (model.input_blocks, model.middle_block, model.output_blocks):
-        for m in blocks.modules():
-            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
-                m.to(dtype)
-    model.dtype = dtype
+    model = _helpers.oracle_low_precision(model, dtype)
 
     def run_low():
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -44,6 +45,18 @@ def oracle_model_and_diffusion(cfg: UNetConfig):
         rescale_timesteps=cfg.rescale_timesteps,
     )
     return model.eval(), diffusion
+
+
+def oracle_low_precision(oracle: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of the oracle as the reference code runs the released use_fp16=True checkpoint: the torso
+    convs cast (guided-diffusion's convert_to_fp16, or its bf16 analogue); call it under autocast."""
+    model = copy.deepcopy(oracle)
+    for blocks in (model.input_blocks, model.middle_block, model.output_blocks):
+        for m in blocks.modules():
+            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+                m.to(dtype)
+    model.dtype = dtype
+    return model
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -7,11 +7,9 @@ modes may be at most 2x as far off as the reference code in the same precision (
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import oracle_model_and_diffusion, randomize_
+from conftest import oracle_low_precision, oracle_model_and_diffusion, randomize_
 
 import diffaug_fast as df
 from diffaug_fast.unet import UNet
@@ -35,12 +33,7 @@ def _setup(name: str = "adm-tiny", seed: int = 5, size: int = 32):
 def _reference_low(oracle, dtype: torch.dtype):
     """The reference code's low-precision model: torso convs cast (convert_to_fp16, or its bf16 analogue),
     run under autocast, as the DiffAug reference runs the released use_fp16=True checkpoint."""
-    model = copy.deepcopy(oracle)
-    for blocks in (model.input_blocks, model.middle_block, model.output_blocks):
-        for m in blocks.modules():
-            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
-                m.to(dtype)
-    model.dtype = dtype
+    model = oracle_low_precision(oracle, dtype)
 
     def run(x, ts):
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
