@@ -8,8 +8,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <numeric>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "augment_args.h"
 #include "augment_math.h"
@@ -21,34 +26,37 @@ enum class In { Plain = 0, Normalized = 1, Pixels = 2 };
 
 // A row is either one channel of one image row (planar: n = W elements, stride = the W stride) or, when
 // every tensor stores channels interleaved with W stride C (channels_last), the whole pixel row
-// (n = W * C, stride 1). chan_mean/chan_std/lidx give each row element's channel parameters and its
-// logical NCHW offset (for Philox) relative to the row start.
+// (n = W * C, stride 1). chan_mean/chan_std give each row element's channel parameters; zmap its noise's
+// place in the row's noise buffer (channel c's W draws start at c * pitch) when the row is interleaved.
 struct RowLayout {
   bool interleaved;
-  int64_t n;
+  int64_t n, pitch;
   std::vector<std::vector<float>> mean, stdv;  // [rows per pixel-row][n]
-  std::vector<std::vector<int64_t>> lidx;
+  std::vector<int32_t> zmap;                   // interleaved only: [n]
 };
 
-RowLayout make_layout(bool interleaved, int64_t C, int64_t H, int64_t W, const std::vector<float>& mean,
+// noise buffer pitch per channel: W draws plus up to 3 leading lanes of the first Philox block, rounded
+// up to whole blocks of 8 (the AVX2 generator's width), plus one block of slack
+int64_t noise_pitch(int64_t W) { return ((W + 3 + 31) / 32 + 1) * 32; }
+
+RowLayout make_layout(bool interleaved, int64_t C, int64_t W, const std::vector<float>& mean,
                       const std::vector<float>& stdv) {
-  RowLayout L{interleaved, interleaved ? W * C : W, {}, {}, {}};
+  RowLayout L{interleaved, interleaved ? W * C : W, noise_pitch(W), {}, {}, {}};
   const int64_t parts = interleaved ? 1 : C;
   for (int64_t p = 0; p < parts; ++p) {
     std::vector<float> m(L.n, 0.f), s(L.n, 1.f);
-    std::vector<int64_t> li(L.n);
     for (int64_t j = 0; j < L.n; ++j) {
-      const int64_t c = interleaved ? j % C : p, w = interleaved ? j / C : j;
+      const int64_t c = interleaved ? j % C : p;
       if (!mean.empty()) {
         m[j] = mean[c];
         s[j] = stdv[c];
       }
-      li[j] = c * H * W + w;
     }
     L.mean.push_back(std::move(m));
     L.stdv.push_back(std::move(s));
-    L.lidx.push_back(std::move(li));
   }
+  if (interleaved)
+    for (int64_t j = 0; j < L.n; ++j) L.zmap.push_back(static_cast<int32_t>((j % C) * L.pitch + j / C));
   return L;
 }
 
@@ -68,13 +76,105 @@ std::vector<float> gather(const at::Tensor& t, const at::Tensor& table, int col)
   return out;
 }
 
-// UNIT: every stride is 1, known at compile time, so GCC emits packed loads/stores (runtime strides
-// would need AVX2 scatters, which do not exist: the loop stayed scalar).
-template <typename TX, typename TT, bool NOISE, In MODE, bool UNIT>
+// ---------------------------------------------------------------------------------------------------
+// Philox noise for a run of consecutive elements. Drawing it element by element (philox_normal, as the
+// GPU threads do) costs a whole Philox block and a log per element; here each block gives its four
+// lanes (philox_normal4), and the blocks of a run are generated 8 at a time: the raw words first (AVX2
+// below, or the shared scalar function), then Box-Muller over the words in a loop GCC vectorizes.
+
+#if defined(__AVX2__)
+inline __m256i mulhi8(__m256i a, __m256i b) {  // high words of 8 unsigned 32x32 products
+  const __m256i even = _mm256_mul_epu32(a, b);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), _mm256_srli_epi64(b, 32));
+  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// philox4x32_10 of blocks g, g + 1, ..., g + 7 (no carry into the high counter word among them)
+inline void philox_words8(uint64_t g, uint64_t seed, uint32_t* r0, uint32_t* r1, uint32_t* r2, uint32_t* r3) {
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))),
+                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
+  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m256i ma = _mm256_set1_epi32(static_cast<int>(kPhiloxMulA));
+  const __m256i mb = _mm256_set1_epi32(static_cast<int>(kPhiloxMulB));
+  for (int round = 0; round < 10; ++round) {
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(mulhi8(mb, c2), c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(mulhi8(ma, c0), c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c1 = _mm256_mullo_epi32(mb, c2);
+    c3 = _mm256_mullo_epi32(ma, c0);
+    c0 = n0;
+    c2 = n2;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(r0), c0);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(r1), c1);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(r2), c2);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(r3), c3);
+}
+#endif
+
+// Scratch for one thread: raw words of up to `blocks` Philox blocks and the normals of a row.
+struct NoiseScratch {
+  std::vector<uint32_t> r0, r1, r2, r3;
+  std::vector<float> z;
+  NoiseScratch(int64_t blocks, int64_t floats) : r0(blocks), r1(blocks), r2(blocks), r3(blocks), z(floats) {}
+};
+
+// N(0, 1) draws of elements start, start + 1, ..., start + n - 1, bit-identical to philox_normal of
+// each: returns a pointer to n floats inside S.z (valid until the next call). S must hold the
+// (n + 3) / 4 + 1 blocks that may cover the run (noise_pitch(n) / 4 words, noise_pitch(n) floats).
+const float* philox_run(uint64_t start, int64_t n, uint64_t seed, NoiseScratch& S) {
+  const uint64_t g0 = start >> 2;
+  const int64_t blocks = static_cast<int64_t>(((start + n + 3) >> 2) - g0);
+  int64_t g = 0;
+#if defined(__AVX2__)
+  for (; g + 8 <= blocks; g += 8) {
+    const uint64_t base = g0 + g;
+    if ((base & 0xffffffffu) > 0xfffffff7u) break;  // the low counter word wraps inside these 8: scalar
+    philox_words8(base, seed, &S.r0[g], &S.r1[g], &S.r2[g], &S.r3[g]);
+  }
+#endif
+  for (; g < blocks; ++g) {
+    uint32_t r[4];
+    philox4x32_10(g0 + g, seed, r);
+    S.r0[g] = r[0];
+    S.r1[g] = r[1];
+    S.r2[g] = r[2];
+    S.r3[g] = r[3];
+  }
+  const uint32_t *__restrict r0 = S.r0.data(), *__restrict r1 = S.r1.data();
+  const uint32_t *__restrict r2 = S.r2.data(), *__restrict r3 = S.r3.data();
+  float* __restrict z = S.z.data();
+#pragma omp simd
+  for (int64_t k = 0; k < blocks; ++k) {
+    float a, b, c, d;
+    box_muller(r0[k], r1[k], a, b);
+    box_muller(r2[k], r3[k], c, d);
+    z[4 * k] = a;
+    z[4 * k + 1] = b;
+    z[4 * k + 2] = c;
+    z[4 * k + 3] = d;
+  }
+  return z + (start & 3);
+}
+
+// How a row's noise is read: from a float32 tensor with a stride, from a contiguous buffer (planar
+// rows with Philox), or through zmap from per-channel buffers (interleaved rows with Philox).
+enum class Z { Strided = 0, Gather = 1 };
+
+// XS > 0: the input's stride is XS and every other stride 1, all known at compile time, so GCC emits
+// packed loads/stores (XS = 3: RGB pixels interleaved, e.g. DALI's uint8 NHWC written to an NCHW x_t, are
+// de-interleaved with permutes). XS = 0: runtime strides; that loop stays scalar (AVX2 has no scatter).
+template <typename TX, typename TT, Z ZM, In MODE, int XS>
 void pre_row(const TX* __restrict px, int64_t sx, const float* __restrict pn, int64_t sn, TT* __restrict pt,
              int64_t st, int64_t n, const float* __restrict mean, const float* __restrict stdv,
-             const int64_t* __restrict lidx, float sa, float s1ma, uint64_t seed, uint64_t idx0) {
-  if constexpr (UNIT) sx = sn = st = 1;
+             const int32_t* __restrict zmap, float sa, float s1ma) {
+  if constexpr (XS > 0) {
+    sx = XS;
+    sn = st = 1;
+  }
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float v = static_cast<float>(px[j * sx]);
@@ -86,12 +186,7 @@ void pre_row(const TX* __restrict px, int64_t sx, const float* __restrict pn, in
     } else {
       x0 = v;
     }
-    float z;
-    if constexpr (NOISE) {
-      z = pn[j * sn];
-    } else {
-      z = philox_normal(idx0 + static_cast<uint64_t>(lidx[j]), seed);
-    }
+    const float z = ZM == Z::Gather ? pn[zmap[j]] : pn[j * sn];
     pt[j * st] = static_cast<TT>(q_sample(x0, z, sa, s1ma));
   }
 }
@@ -106,23 +201,38 @@ void pre_launch(const at::Tensor& x, const std::optional<at::Tensor>& noise, at:
   TT* XT = x_t.data_ptr<TT>();
   const int64_t parts = L.interleaved ? 1 : C;
   const int64_t sxj = L.interleaved ? 1 : x.stride(3), stj = L.interleaved ? 1 : x_t.stride(3);
-  const int64_t snj = NOISE ? (L.interleaved ? 1 : noise->stride(3)) : 0;
-  const bool unit = sxj == 1 && stj == 1 && (!NOISE || snj == 1);
+  const int64_t snj = NOISE ? (L.interleaved ? 1 : noise->stride(3)) : 1;
+  const bool rest_unit = stj == 1 && snj == 1;
+  const int xs = !rest_unit ? 0 : (sxj == 1 ? 1 : (sxj == 3 ? 3 : 0));
   at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
+    NoiseScratch S(NOISE ? 0 : L.pitch / 4, NOISE ? 0 : L.pitch);
+    std::vector<float> zbuf(NOISE || !L.interleaved ? 0 : C * L.pitch);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / H, h = r % H;
+      const auto idx = [&](int64_t c) { return offset + static_cast<uint64_t>(((b * C + c) * H + h) * W); };
+      if (!NOISE && L.interleaved) {  // every channel's W draws, to be read through zmap
+        for (int64_t c = 0; c < C; ++c) {
+          const float* z = philox_run(idx(c), W, seed, S);
+          std::copy(z, z + W, zbuf.begin() + c * L.pitch);
+        }
+      }
       for (int64_t p = 0; p < parts; ++p) {  // p = channel in the planar layout
         const int64_t c = L.interleaved ? 0 : p;
         const TX* px = X + b * x.stride(0) + c * x.stride(1) + h * x.stride(2);
-        const float* pn = NOISE ? N + b * noise->stride(0) + c * noise->stride(1) + h * noise->stride(2) : nullptr;
         TT* pt = XT + b * x_t.stride(0) + c * x_t.stride(1) + h * x_t.stride(2);
-        const uint64_t idx0 = offset + static_cast<uint64_t>(b * C * H * W + h * W);
-        if (unit)
-          pre_row<TX, TT, NOISE, MODE, true>(px, 1, pn, 1, pt, 1, L.n, L.mean[p].data(), L.stdv[p].data(),
-                                             L.lidx[p].data(), sa[b], s1ma[b], seed, idx0);
+        const float *mp = L.mean[p].data(), *sp = L.stdv[p].data();
+        const float* pn;
+        if (NOISE) pn = N + b * noise->stride(0) + c * noise->stride(1) + h * noise->stride(2);
+        else if (L.interleaved) pn = zbuf.data();
+        else pn = philox_run(idx(c), W, seed, S);
+        if (!NOISE && L.interleaved)
+          pre_row<TX, TT, Z::Gather, MODE, 1>(px, 1, pn, 1, pt, 1, L.n, mp, sp, L.zmap.data(), sa[b], s1ma[b]);
+        else if (xs == 1)
+          pre_row<TX, TT, Z::Strided, MODE, 1>(px, 1, pn, 1, pt, 1, L.n, mp, sp, nullptr, sa[b], s1ma[b]);
+        else if (xs == 3)
+          pre_row<TX, TT, Z::Strided, MODE, 3>(px, 3, pn, 1, pt, 1, L.n, mp, sp, nullptr, sa[b], s1ma[b]);
         else
-          pre_row<TX, TT, NOISE, MODE, false>(px, sxj, pn, snj, pt, stj, L.n, L.mean[p].data(), L.stdv[p].data(),
-                                              L.lidx[p].data(), sa[b], s1ma[b], seed, idx0);
+          pre_row<TX, TT, Z::Strided, MODE, 0>(px, sxj, pn, snj, pt, stj, L.n, mp, sp, nullptr, sa[b], s1ma[b]);
       }
     }
   });
@@ -136,7 +246,7 @@ void pre_cpu(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table, 
   const auto m = channel_params(mean, C, "mean"), s = channel_params(stdv, C, "std");
   TORCH_CHECK(m.size() == s.size(), "give both mean and std, or neither");
   const bool il = interleaved(x) && interleaved(x_t) && (!noise || interleaved(*noise));
-  const RowLayout L = make_layout(il, C, H, W, m, s);
+  const RowLayout L = make_layout(il, C, W, m, s);
   const auto sa = gather(t, table, 0), s1ma = gather(t, table, 1);
   uint64_t seed = 0, offset = 0;
   if (philox) {
@@ -220,7 +330,7 @@ void post_cpu(const at::Tensor& model_out, const at::Tensor& x_t, const at::Tens
   TORCH_CHECK(m.size() == s.size(), "give both mean and std, or neither");
   // model_out has 2C channels with learned sigma: interleaved only when its pixel stride is C
   const bool il = interleaved(x_t) && interleaved(out) && model_out.stride(1) == 1 && model_out.stride(3) == C;
-  const RowLayout L = make_layout(il, C, H, W, m, s);
+  const RowLayout L = make_layout(il, C, W, m, s);
   const auto sr = gather(t, table, 2), srm1 = gather(t, table, 3);
   const bool norm = !m.empty();
   at::Tensor o = out;
@@ -239,11 +349,23 @@ void post_cpu(const at::Tensor& model_out, const at::Tensor& x_t, const at::Tens
   });
 }
 
+at::Tensor philox_normal_elementwise_cpu(const at::Tensor& idx, int64_t seed) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "idx must be int64");
+  auto ic = idx.contiguous();
+  auto out = at::empty(ic.sizes(), ic.options().dtype(at::kFloat));
+  const int64_t* pi = ic.data_ptr<int64_t>();
+  float* po = out.data_ptr<float>();
+  for (int64_t i = 0; i < ic.numel(); ++i)
+    po[i] = philox_normal(static_cast<uint64_t>(pi[i]), static_cast<uint64_t>(seed));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(diffaug_fast_ext, CPU, m) {
   m.impl("pre", &pre_cpu);
   m.impl("post", &post_cpu);
+  m.impl("philox_normal_elementwise", &philox_normal_elementwise_cpu);
 }
 
 }  // namespace diffaug

@@ -49,26 +49,32 @@ DA_HD float unit_to_normalized(float x0, float mean, float stdv) { return ((x0 +
 
 // ---------------------------------------------------------------------------------------------------
 // Philox4x32-10 (Salmon et al. 2011), the generator of curand and Triton's tl.randint4x: counter
-// (lo(idx), hi(idx), 0, 0), key (lo(seed), hi(seed)). Element idx = offset + logical NCHW index, so the
+// (lo(g), hi(g), 0, 0), key (lo(seed), hi(seed)). One Philox block gives four normals (two Box-Muller
+// pairs), so element idx = offset + its logical NCHW index takes block g = idx / 4 and lane idx % 4: the
 // noise of an element does not depend on memory layout, backend or launch geometry.
 
 DA_HD uint32_t mulhi32(uint32_t a, uint32_t b) { return static_cast<uint32_t>((uint64_t(a) * b) >> 32); }
 
-DA_HD void philox4x32_10(uint64_t idx, uint64_t seed, uint32_t& r0, uint32_t& r1) {
-  uint32_t c0 = static_cast<uint32_t>(idx), c1 = static_cast<uint32_t>(idx >> 32), c2 = 0, c3 = 0;
+constexpr uint32_t kPhiloxMulA = 0xD2511F53u, kPhiloxMulB = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
+
+DA_HD void philox4x32_10(uint64_t g, uint64_t seed, uint32_t r[4]) {
+  uint32_t c0 = static_cast<uint32_t>(g), c1 = static_cast<uint32_t>(g >> 32), c2 = 0, c3 = 0;
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    const uint32_t n0 = mulhi32(0xCD9E8D57u, c2) ^ c1 ^ k0;
-    const uint32_t n2 = mulhi32(0xD2511F53u, c0) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * c2;
-    c3 = 0xD2511F53u * c0;
+    const uint32_t n0 = mulhi32(kPhiloxMulB, c2) ^ c1 ^ k0;
+    const uint32_t n2 = mulhi32(kPhiloxMulA, c0) ^ c3 ^ k1;
+    c1 = kPhiloxMulB * c2;
+    c3 = kPhiloxMulA * c0;
     c0 = n0;
     c2 = n2;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
   }
-  r0 = c0;
-  r1 = c1;
+  r[0] = c0;
+  r[1] = c1;
+  r[2] = c2;
+  r[3] = c3;
 }
 
 // float bits <-> uint32 without aliasing UB; both forms vectorize
@@ -117,32 +123,54 @@ DA_HD float log_approx(float u) {
   return (x + y) + e * 0.693359375f;
 }
 
-// cos(2 pi u) for u in [0, 1): quadrant reduction to a = 2 pi f, |f| <= 1/8, then Cephes sinf/cosf
-// polynomials on [-pi/4, pi/4] (~1 ulp).
-DA_HD float cos_2pi_approx(float u) {
+// sin and cos of 2 pi u for u in [0, 1): quadrant reduction to a = 2 pi f, |f| <= 1/8, then Cephes
+// sinf/cosf polynomials on [-pi/4, pi/4] (~1 ulp).
+DA_HD void sincos_2pi_approx(float u, float& sin_out, float& cos_out) {
   const float q = static_cast<float>(static_cast<int>(u * 4.0f + 0.5f));  // nearest quarter turn, 0..4
   const float a = (u - q * 0.25f) * 6.2831853071795865f;
   const float a2 = a * a;
   const float s = a + a * a2 * (-1.6666654611e-1f + a2 * (8.3321608736e-3f + a2 * -1.9515295891e-4f));
   const float c = 1.0f - 0.5f * a2 + a2 * a2 * (4.166664568298827e-2f + a2 * (-1.388731625493765e-3f +
                                                                             a2 * 2.443315711809948e-5f));
-  const int k = static_cast<int>(q) & 3;  // cos(a + k pi / 2)
-  return k == 0 ? c : (k == 1 ? -s : (k == 2 ? -c : s));
+  const int k = static_cast<int>(q) & 3;  // (sin, cos)(a + k pi / 2)
+  cos_out = k == 0 ? c : (k == 1 ? -s : (k == 2 ? -c : s));
+  sin_out = k == 0 ? s : (k == 1 ? c : (k == 2 ? -s : -c));
 }
 
-// One N(0, 1) draw per element: Box-Muller (cosine branch) on the first two Philox words, with
-// u1 = (r0 >> 8 + 1) / 2^24 in (0, 1] (log never sees 0) and u2 = (r1 >> 8) / 2^24 in [0, 1); both exact
-// in float32. |z| <= sqrt(-2 ln 2^-24) = 5.77.
-DA_HD float philox_normal(uint64_t idx, uint64_t seed) {
-  uint32_t r0, r1;
-  philox4x32_10(idx, seed, r0, r1);
-  const float u1 = static_cast<float>((r0 >> 8) + 1u) * 5.9604644775390625e-8f;
-  const float u2 = static_cast<float>(r1 >> 8) * 5.9604644775390625e-8f;
+// Box-Muller on two Philox words: u1 = (a >> 8 + 1) / 2^24 in (0, 1] (log never sees 0), u2 = (b >> 8) / 2^24
+// in [0, 1), both exact in float32; z_cos = r cos(2 pi u2), z_sin = r sin(2 pi u2), r = sqrt(-2 ln u1), so
+// |z| <= sqrt(-2 ln 2^-24) = 5.77.
+DA_HD void box_muller(uint32_t a, uint32_t b, float& z_cos, float& z_sin) {
+  const float u1 = static_cast<float>(static_cast<int32_t>((a >> 8) + 1u)) * 5.9604644775390625e-8f;
+  const float u2 = static_cast<float>(static_cast<int32_t>(b >> 8)) * 5.9604644775390625e-8f;
 #if defined(__CUDA_ARCH__)
-  return sqrtf(-2.0f * log_approx(u1)) * cos_2pi_approx(u2);
+  const float r = sqrtf(-2.0f * log_approx(u1));
 #else
-  return std::sqrt(-2.0f * log_approx(u1)) * cos_2pi_approx(u2);
+  const float r = std::sqrt(-2.0f * log_approx(u1));
 #endif
+  float s, c;
+  sincos_2pi_approx(u2, s, c);
+  z_cos = r * c;
+  z_sin = r * s;
+}
+
+// The four N(0, 1) draws of Philox block g: lanes 0, 1 = (cos, sin) of words (0, 1); lanes 2, 3 = of (2, 3).
+DA_HD void philox_normal4(uint64_t g, uint64_t seed, float z[4]) {
+  uint32_t r[4];
+  philox4x32_10(g, seed, r);
+  box_muller(r[0], r[1], z[0], z[1]);
+  box_muller(r[2], r[3], z[2], z[3]);
+}
+
+// The draw of element idx alone (the GPU kernels: one thread per element). Equals lane idx % 4 of
+// philox_normal4(idx / 4, seed) bit for bit.
+DA_HD float philox_normal(uint64_t idx, uint64_t seed) {
+  uint32_t r[4];
+  philox4x32_10(idx >> 2, seed, r);
+  const int lane = static_cast<int>(idx & 3);
+  float zc, zs;
+  box_muller(lane < 2 ? r[0] : r[2], lane < 2 ? r[1] : r[3], zc, zs);
+  return (lane & 1) ? zs : zc;
 }
 
 }  // namespace diffaug

@@ -14,6 +14,10 @@ TORCH_LIBRARY(diffaug_fast_ext, m) {
   // mean/std when given) into out (any float dtype and strides, e.g. a slice of a larger batch).
   m.def("post(Tensor model_out, Tensor x_t, Tensor t, Tensor table, float[]? mean, float[]? std, bool clip, "
         "Tensor(a!) out) -> ()");
+  // float32 N(0, 1) draw of each int64 element index in idx, computed one element at a time by
+  // augment_math.h's philox_normal (the function the GPU kernel calls): lets CPU tests check the GPU's
+  // noise against the Python specification and the CPU kernel's blockwise generator.
+  m.def("philox_normal_elementwise(Tensor idx, int seed) -> Tensor");
 }
 
 // `import diffaug_fast._C` loads this library, which runs the registrations above.

@@ -12,7 +12,7 @@ Public API:
 from .augment import augment
 from .denoiser import CheckpointError, Denoiser, load_denoiser
 from .module import DiffAug
-from .ops.fused import available_backends
+from .ops.fused import Workspace, available_backends
 from .schedule import Schedule, make_schedule
 from .unet import PRESETS, UNet, UNetConfig, get_preset
 
@@ -22,6 +22,7 @@ __all__ = [
     "augment",
     "DiffAug",
     "available_backends",
+    "Workspace",
     "load_denoiser",
     "Denoiser",
     "CheckpointError",

@@ -9,6 +9,7 @@ from torch import nn
 
 from .augment import augment
 from .denoiser import Denoiser
+from .ops.fused import Workspace
 
 __all__ = ["DiffAug"]
 
@@ -47,10 +48,12 @@ class DiffAug(nn.Module):
         self.generator = generator
         self.seed = int(torch.randint(0, 2**62, (), generator=generator)) if seed is None else int(seed)
         self.offset = 0  # Philox counter: advanced by the element count of every batch
+        self.workspace = Workspace()  # x_t is written into the same buffer every call
 
     def forward(self, x: torch.Tensor, t: int | torch.Tensor | None = None, out: torch.Tensor | None = None):
         y = augment(x, self.denoiser, t=t, t_range=self.t_range, clip=self.clip, mean=self.mean, std=self.std,
-                    seed=self.seed, offset=self.offset, out=out, backend=self.backend, generator=self.generator)
+                    seed=self.seed, offset=self.offset, out=out, backend=self.backend, generator=self.generator,
+                    workspace=self.workspace)
         self.offset += y.numel()
         return y
 

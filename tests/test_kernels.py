@@ -150,8 +150,31 @@ def test_post_equals_reference(backend, out_kind, unet_dtype, tcase, norm):
 
 def test_philox_known_answer():
     # Random123's known-answer vector for philox4x32-10: counter 0, key 0 -> 6627e8d5 e169c58d ...
-    r0, r1 = philox4x32_10(torch.tensor([0]), 0)
-    assert (r0.item(), r1.item()) == (0x6627E8D5, 0xE169C58D)
+    words = philox4x32_10(torch.tensor([0]), 0)
+    assert [w.item() for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+needs_ext = pytest.mark.skipif("cpp" not in FAST, reason="the C++ extension is not built")
+
+
+@needs_ext
+def test_gpu_elementwise_noise_matches_spec_and_cpu_blocks():
+    """augment_math.h's philox_normal (one element per GPU thread) against the Python spec, and the CPU
+    kernel's blockwise generator (AVX2, 8 blocks at a time) against it bit for bit, at offsets that start
+    mid-block and across the low counter word's wrap (block 2^32 - 3 .. 2^32 + 5)."""
+    seed = 2**40 + 77
+    for offset in (0, 1, 3, 4 * (2**32 - 3) + 2):
+        shape = (2, 3, 5, 37)  # rows of 37: every lane alignment occurs
+        idx = torch.arange(math.prod(shape)) + offset
+        gpu = torch.ops.diffaug_fast_ext.philox_normal_elementwise(idx, seed).reshape(shape)
+        torch.testing.assert_close(gpu, philox_normal(shape, seed, offset), rtol=0, atol=2e-5)
+        for cl in (False, True):
+            x = torch.zeros(shape)
+            x = x.contiguous(memory_format=torch.channels_last) if cl else x
+            x_t = torch.empty_like(x)
+            t = torch.full((shape[0],), 999)
+            torch.ops.diffaug_fast_ext.pre(x, t, TABLE, None, torch.tensor([seed, offset]), None, None, x_t)
+            assert torch.equal(x_t, (TABLE[999, 1] * gpu).contiguous()), (offset, cl)
 
 
 def _noise(backend: str, shape, seed: int, offset: int) -> torch.Tensor:
@@ -168,9 +191,11 @@ def test_philox_deterministic_seeded_and_offset(backend):
     a = _noise(backend, shape, 123, 0)
     assert torch.equal(a, _noise(backend, shape, 123, 0))
     assert not torch.allclose(a, _noise(backend, shape, 124, 0), atol=1e-3)
-    # counter = offset + logical index: shifting the offset shifts the stream
-    shifted = _noise(backend, shape, 123, 5).flatten()
-    torch.testing.assert_close(shifted[:-5], a.flatten()[5:], rtol=1e-6, atol=1e-6)
+    # element i draws from offset + i: shifting the offset shifts the stream (also by non-multiples of the
+    # four lanes of a Philox block)
+    for k in (5, 4, 2):
+        shifted = _noise(backend, shape, 123, k).flatten()
+        torch.testing.assert_close(shifted[:-k], a.flatten()[k:], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -237,6 +262,8 @@ def test_opcheck(backend):
     out = torch.zeros(4, 3, 9, 11)[2:]
     model_out = torch.randn(2, 6, 9, 11, generator=g)
     torch.library.opcheck(fused.post, (model_out, noise, t, TABLE, MEAN, STD, True, backend, out))
+    x_t = torch.empty(2, 3, 9, 11, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(fused.pre_into, (x, t, TABLE, None, torch.tensor([7, 3]), None, None, backend, x_t))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -315,6 +342,23 @@ def test_diffaug_module_advances_noise(den):
     nhwc = (torch.rand(2, 16, 16, 3) * 255).to(torch.uint8)
     out = torch.empty(4, 3, 16, 16)[2:]
     assert aug(nhwc, out=out).data_ptr() == out.data_ptr()
+    assert len(aug.workspace) == 1  # one x_t buffer, reused by all four calls
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_workspace_reuses_x_t_and_changes_nothing(den, backend):
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    ws = df.Workspace()
+    want = df.augment(x, den, t=70, seed=4, backend=backend)
+    got = df.augment(x, den, t=70, seed=4, backend=backend, workspace=ws)
+    assert torch.equal(got, want)
+    (buf,) = ws._buffers.values()
+    ptr = buf.data_ptr()
+    again = df.augment(x, den, t=70, seed=4, offset=x.numel(), backend=backend, workspace=ws)
+    assert len(ws) == 1 and next(iter(ws._buffers.values())).data_ptr() == ptr
+    assert not torch.equal(again, want)
+    df.augment(x[:2], den, t=70, seed=4, backend=backend, workspace=ws)  # another shape: another buffer
+    assert len(ws) == 2
 
 
 def test_compile_fullgraph_no_graph_breaks():

@@ -3,8 +3,8 @@
 One program handles BLOCK pixels (b, h, w) and loops over the C channels, so loads and stores are
 coalesced for NCHW and channels_last alike. The math is csrc/augment_math.h's, operation by operation:
 IEEE division (div_rn) and no FMA contraction (enable_fp_fusion=False) keep fp32 results equal to the
-reference; the noise is the same Philox4x32-10 stream (counter offset + NCHW index, key seed) with the
-same Box-Muller mapping as diffaug_fast/ops/philox.py. Philox is written out here rather than taken from
+reference; the noise is the same Philox4x32-10 stream (element offset + NCHW index = lane i % 4 of block
+i // 4, key seed) with the same Box-Muller mapping as diffaug_fast/ops/philox.py. Philox is written out here rather than taken from
 tl.randint4x: that one is decorated when torch imports triton, so under TRITON_INTERPRET=1 set later (as
 the tests do) the interpreter refuses to call it.
 """
@@ -29,9 +29,12 @@ def interpreted() -> bool:
 
 @triton.jit
 def _philox_normal(idx, seed):
-    """N(0, 1) from Philox4x32-10 at counter (lo(idx), hi(idx), 0, 0), key (lo(seed), hi(seed))."""
-    c0 = idx.to(tl.uint32)
-    c1 = (idx >> 32).to(tl.uint32)
+    """N(0, 1) of element idx: lane idx % 4 of the Box-Muller normals of Philox4x32-10 block idx // 4
+    (counter (lo, hi, 0, 0), key (lo(seed), hi(seed)))."""
+    blk = idx >> 2
+    lane = idx & 3
+    c0 = blk.to(tl.uint32)
+    c1 = (blk >> 32).to(tl.uint32)
     c2 = c0 * 0
     c3 = c0 * 0
     k0 = seed.to(tl.uint32)
@@ -45,9 +48,11 @@ def _philox_normal(idx, seed):
         c2 = n2
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    u1 = ((c0 >> 8) + 1).to(tl.float32) * INV_2POW24
-    u2 = (c1 >> 8).to(tl.float32) * INV_2POW24
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.2831853071795865 * u2)
+    first = lane < 2
+    u1 = ((tl.where(first, c0, c2) >> 8) + 1).to(tl.float32) * INV_2POW24
+    u2 = (tl.where(first, c1, c3) >> 8).to(tl.float32) * INV_2POW24
+    angle = 6.2831853071795865 * u2
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.where((lane & 1) == 0, tl.cos(angle), tl.sin(angle))
 
 
 @triton.jit
