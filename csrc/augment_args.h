@@ -15,7 +15,12 @@ inline bool is_float_kind(at::ScalarType s) {
 }
 inline bool is_unet_dtype(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
 
-// per-channel (mean, std) as float32, empty when not given
+// per-channel (mean, std) as float32, both empty when not given
+struct MeanStd {
+  std::vector<float> mean, stdv;
+  bool given() const { return !mean.empty(); }
+};
+
 inline std::vector<float> channel_params(const std::optional<c10::ArrayRef<double>>& v, int64_t C, const char* name) {
   std::vector<float> out;
   if (!v.has_value()) return out;
@@ -23,6 +28,13 @@ inline std::vector<float> channel_params(const std::optional<c10::ArrayRef<doubl
               v->size());
   for (double d : *v) out.push_back(static_cast<float>(d));
   return out;
+}
+
+inline MeanStd mean_std(const std::optional<c10::ArrayRef<double>>& mean,
+                        const std::optional<c10::ArrayRef<double>>& stdv, int64_t C) {
+  MeanStd p{channel_params(mean, C, "mean"), channel_params(stdv, C, "std")};
+  TORCH_CHECK(p.mean.size() == p.stdv.size(), "give both mean and std, or neither");
+  return p;
 }
 
 inline void check_table(const at::Tensor& t, const at::Tensor& table, int64_t B, const at::Tensor& like) {

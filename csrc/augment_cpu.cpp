@@ -243,10 +243,9 @@ void pre_cpu(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table, 
              std::optional<c10::ArrayRef<double>> stdv, at::Tensor& x_t) {
   check_pre(x, t, table, noise, philox, x_t);
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
-  const auto m = channel_params(mean, C, "mean"), s = channel_params(stdv, C, "std");
-  TORCH_CHECK(m.size() == s.size(), "give both mean and std, or neither");
+  const MeanStd ms = mean_std(mean, stdv, C);
   const bool il = interleaved(x) && interleaved(x_t) && (!noise || interleaved(*noise));
-  const RowLayout L = make_layout(il, C, W, m, s);
+  const RowLayout L = make_layout(il, C, W, ms.mean, ms.stdv);
   const auto sa = gather(t, table, 0), s1ma = gather(t, table, 1);
   uint64_t seed = 0, offset = 0;
   if (philox) {
@@ -254,7 +253,7 @@ void pre_cpu(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table, 
     seed = static_cast<uint64_t>(ph.data_ptr<int64_t>()[0]);
     offset = static_cast<uint64_t>(ph.data_ptr<int64_t>()[1]);
   }
-  const bool norm = !m.empty();
+  const bool norm = ms.given();
   at::Tensor xt = x_t;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "diffaug_pre_xt", [&] {
     using TT = scalar_t;
@@ -326,13 +325,12 @@ void post_cpu(const at::Tensor& model_out, const at::Tensor& x_t, const at::Tens
               at::Tensor& out) {
   check_post(model_out, x_t, t, table, out);
   const int64_t C = x_t.size(1), H = x_t.size(2), W = x_t.size(3);
-  const auto m = channel_params(mean, C, "mean"), s = channel_params(stdv, C, "std");
-  TORCH_CHECK(m.size() == s.size(), "give both mean and std, or neither");
+  const MeanStd ms = mean_std(mean, stdv, C);
   // model_out has 2C channels with learned sigma: interleaved only when its pixel stride is C
   const bool il = interleaved(x_t) && interleaved(out) && model_out.stride(1) == 1 && model_out.stride(3) == C;
-  const RowLayout L = make_layout(il, C, W, m, s);
+  const RowLayout L = make_layout(il, C, W, ms.mean, ms.stdv);
   const auto sr = gather(t, table, 2), srm1 = gather(t, table, 3);
-  const bool norm = !m.empty();
+  const bool norm = ms.given();
   at::Tensor o = out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_out.scalar_type(), "diffaug_post_eps", [&] {
     using TM = scalar_t;

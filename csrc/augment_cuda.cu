@@ -35,13 +35,31 @@ struct PreArgs {
   int table_steps;
 };
 
+// The thread's pixel (b, h, w) and its image's two coefficients table[t[b], col0 .. col0 + 1]; false
+// for the threads past the last pixel.
+struct Pixel {
+  int64_t b, h, w;
+  float k0, k1;
+};
+__device__ __forceinline__ bool pixel_of(int64_t B, int64_t H, int64_t W, const int64_t* t, const float* table,
+                                         int col0, Pixel& p) {
+  const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pix >= B * H * W) return false;
+  p.w = pix % W;
+  p.h = (pix / W) % H;
+  p.b = pix / (W * H);
+  const int64_t s = t[p.b];
+  p.k0 = table[s * 4 + col0];
+  p.k1 = table[s * 4 + col0 + 1];
+  return true;
+}
+
 template <typename TX, typename TT, bool NOISE, int MODE>
 __global__ void pre_kernel(const TX* __restrict__ x, const float* __restrict__ noise, TT* __restrict__ x_t, PreArgs a) {
-  const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (pix >= a.B * a.H * a.W) return;
-  const int64_t w = pix % a.W, h = (pix / a.W) % a.H, b = pix / (a.W * a.H);
-  const int64_t s = a.t[b];
-  const float sa = a.table[s * 4 + 0], s1ma = a.table[s * 4 + 1];
+  Pixel p;
+  if (!pixel_of(a.B, a.H, a.W, a.t, a.table, 0, p)) return;
+  const int64_t b = p.b, h = p.h, w = p.w;
+  const float sa = p.k0, s1ma = p.k1;
   uint64_t seed = 0, offset = 0;
   if (!NOISE) {
     seed = static_cast<uint64_t>(a.philox[0]);
@@ -67,11 +85,10 @@ struct PostArgs {
 
 template <typename TM, typename TT, typename TO>
 __global__ void post_kernel(const TM* __restrict__ eps, const TT* __restrict__ x_t, TO* __restrict__ out, PostArgs a) {
-  const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (pix >= a.B * a.H * a.W) return;
-  const int64_t w = pix % a.W, h = (pix / a.W) % a.H, b = pix / (a.W * a.H);
-  const int64_t s = a.t[b];
-  const float sr = a.table[s * 4 + 2], srm1 = a.table[s * 4 + 3];
+  Pixel p;
+  if (!pixel_of(a.B, a.H, a.W, a.t, a.table, 2, p)) return;
+  const int64_t b = p.b, h = p.h, w = p.w;
+  const float sr = p.k0, srm1 = p.k1;
   for (int64_t c = 0; c < a.C; ++c) {
     const float x0 = predict_x0(static_cast<float>(x_t[b * a.st.b + c * a.st.c + h * a.st.h + w * a.st.w]),
                                 static_cast<float>(eps[b * a.se.b + c * a.se.c + h * a.se.h + w * a.se.w]), sr, srm1,
@@ -81,11 +98,17 @@ __global__ void post_kernel(const TM* __restrict__ eps, const TT* __restrict__ x
   }
 }
 
-void fill_params(float* dst_mean, float* dst_std, const std::vector<float>& m, const std::vector<float>& s) {
-  for (size_t c = 0; c < m.size(); ++c) {
-    dst_mean[c] = m[c];
-    dst_std[c] = s[c];
+// mean/std checked and copied into a kernel argument struct
+template <typename Args>
+bool fill_params(Args& a, int64_t C, const std::optional<c10::ArrayRef<double>>& mean,
+                 const std::optional<c10::ArrayRef<double>>& stdv) {
+  TORCH_CHECK(C <= kMaxC, "the CUDA kernel supports at most ", kMaxC, " channels");
+  const MeanStd ms = mean_std(mean, stdv, C);
+  for (size_t c = 0; c < ms.mean.size(); ++c) {
+    a.mean[c] = ms.mean[c];
+    a.stdv[c] = ms.stdv[c];
   }
+  return ms.given();
 }
 
 int blocks_for(int64_t pixels) { return static_cast<int>((pixels + kThreads - 1) / kThreads); }
@@ -96,16 +119,13 @@ void pre_cuda(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table,
   check_pre(x, t, table, noise, philox, x_t);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(C <= kMaxC, "the CUDA kernel supports at most ", kMaxC, " channels");
-  const auto m = channel_params(mean, C, "mean"), s = channel_params(stdv, C, "std");
-  TORCH_CHECK(m.size() == s.size(), "give both mean and std, or neither");
   auto tc = t.contiguous();
   auto tab = table.contiguous();
   auto ph = philox ? philox->contiguous() : at::Tensor();
   PreArgs a{B, C, H, W, strides_of(x), noise ? strides_of(*noise) : Strides{0, 0, 0, 0}, strides_of(x_t),
             tc.data_ptr<int64_t>(), tab.data_ptr<float>(), philox ? ph.data_ptr<int64_t>() : nullptr, {}, {},
             static_cast<int>(tab.size(0))};
-  fill_params(a.mean, a.stdv, m, s);
+  const bool norm = fill_params(a, C, mean, stdv);
   if (B * H * W == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float* N = noise ? noise->data_ptr<float>() : nullptr;
@@ -125,7 +145,7 @@ void pre_cuda(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table,
         by_noise(uint8_t{}, std::integral_constant<int, 2>{});
       } else {
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffaug_pre_x", [&] {
-          if (!m.empty()) by_noise(scalar_t{}, std::integral_constant<int, 1>{});
+          if (norm) by_noise(scalar_t{}, std::integral_constant<int, 1>{});
           else by_noise(scalar_t{}, std::integral_constant<int, 0>{});
         });
       }
@@ -140,14 +160,11 @@ void post_cuda(const at::Tensor& model_out, const at::Tensor& x_t, const at::Ten
   check_post(model_out, x_t, t, table, out);
   const c10::cuda::CUDAGuard guard(x_t.device());
   const int64_t B = x_t.size(0), C = x_t.size(1), H = x_t.size(2), W = x_t.size(3);
-  TORCH_CHECK(C <= kMaxC, "the CUDA kernel supports at most ", kMaxC, " channels");
-  const auto m = channel_params(mean, C, "mean"), s = channel_params(stdv, C, "std");
-  TORCH_CHECK(m.size() == s.size(), "give both mean and std, or neither");
   auto tc = t.contiguous();
   auto tab = table.contiguous();
   PostArgs a{B, C, H, W, strides_of(model_out), strides_of(x_t), strides_of(out), tc.data_ptr<int64_t>(),
-             tab.data_ptr<float>(), {}, {}, clip, !m.empty()};
-  fill_params(a.mean, a.stdv, m, s);
+             tab.data_ptr<float>(), {}, {}, clip, false};
+  a.norm = fill_params(a, C, mean, stdv);
   if (B * H * W == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_out.scalar_type(), "diffaug_post_eps", [&] {

@@ -56,17 +56,24 @@ def _philox_normal(idx, seed):
 
 
 @triton.jit
-def _pre_kernel(x_ptr, noise_ptr, philox_ptr, t_ptr, table_ptr, mean_ptr, std_ptr, xt_ptr, n_pix, H, W,
-                sxb, sxc, sxh, sxw, snb, snc, snh, snw, stb, stc, sth, stw,
-                C: tl.constexpr, MODE: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+def _pixels(t_ptr, table_ptr, n_pix, H, W, COL: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK pixels (b, h, w), their mask, and their image's coefficients table[t[b], COL:COL + 2]."""
     pix = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = pix < n_pix
     w = pix % W
     h = (pix // W) % H
     b = pix // (W * H)
     step = tl.load(t_ptr + b, mask=mask, other=0)
-    sa = tl.load(table_ptr + step * 4, mask=mask, other=0.0)
-    s1ma = tl.load(table_ptr + step * 4 + 1, mask=mask, other=0.0)
+    k0 = tl.load(table_ptr + step * 4 + COL, mask=mask, other=0.0)
+    k1 = tl.load(table_ptr + step * 4 + COL + 1, mask=mask, other=0.0)
+    return mask, b, h, w, k0, k1
+
+
+@triton.jit
+def _pre_kernel(x_ptr, noise_ptr, philox_ptr, t_ptr, table_ptr, mean_ptr, std_ptr, xt_ptr, n_pix, H, W,
+                sxb, sxc, sxh, sxw, snb, snc, snh, snw, stb, stc, sth, stw,
+                C: tl.constexpr, MODE: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr):
+    mask, b, h, w, sa, s1ma = _pixels(t_ptr, table_ptr, n_pix, H, W, 0, BLOCK)
     if not HAS_NOISE:
         seed = tl.load(philox_ptr)
         offset = tl.load(philox_ptr + 1)
@@ -88,14 +95,7 @@ def _pre_kernel(x_ptr, noise_ptr, philox_ptr, t_ptr, table_ptr, mean_ptr, std_pt
 def _post_kernel(eps_ptr, xt_ptr, t_ptr, table_ptr, mean_ptr, std_ptr, out_ptr, n_pix, H, W,
                  seb, sec, seh, sew, stb, stc, sth, stw, sob, soc, soh, sow,
                  C: tl.constexpr, NORM: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
-    pix = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = pix < n_pix
-    w = pix % W
-    h = (pix // W) % H
-    b = pix // (W * H)
-    step = tl.load(t_ptr + b, mask=mask, other=0)
-    sr = tl.load(table_ptr + step * 4 + 2, mask=mask, other=0.0)
-    srm1 = tl.load(table_ptr + step * 4 + 3, mask=mask, other=0.0)
+    mask, b, h, w, sr, srm1 = _pixels(t_ptr, table_ptr, n_pix, H, W, 2, BLOCK)
     for c in tl.static_range(C):
         x_t = tl.load(xt_ptr + b * stb + c * stc + h * sth + w * stw, mask=mask, other=0.0).to(tl.float32)
         eps = tl.load(eps_ptr + b * seb + c * sec + h * seh + w * sew, mask=mask, other=0.0).to(tl.float32)
