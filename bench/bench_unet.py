@@ -51,7 +51,9 @@ LOW = (torch.float16, torch.bfloat16)
 CASES = [
     ("ref-fp32", torch.float32, None),
     ("ours-fp32", torch.float32, dict(channels_last=True, eps_only=True)),
+    ("ours-fp32-fused", torch.float32, dict(channels_last=True, eps_only=True, fused_norm=True)),
     ("ours-fp32-winograd", torch.float32, dict(conv_algo="winograd", eps_only=True)),
+    ("ours-fp32-winograd-fused", torch.float32, dict(conv_algo="winograd", eps_only=True, fused_norm=True)),
     ("ours-fp32-compiled", torch.float32, dict(channels_last=True, eps_only=True, compile=True)),
     ("ref-bf16", torch.bfloat16, None),
     ("ours-bf16-fast", torch.bfloat16, dict(mode="fast", channels_last=True, eps_only=True)),

@@ -18,6 +18,10 @@ TORCH_LIBRARY(diffaug_fast_ext, m) {
   // augment_math.h's philox_normal (the function the GPU kernel calls): lets CPU tests check the GPU's
   // noise against the Python specification and the CPU kernel's blockwise generator.
   m.def("philox_normal_elementwise(Tensor idx, int seed) -> Tensor");
+  // silu(group_norm(x) * (1 + scale) + shift) for float32 [B, C, H, W] (NCHW or channels_last), scale and
+  // shift float32 [B, C] or both None; see group_norm_cpu.cpp (CPU only: on GPU torch.compile fuses it).
+  m.def("group_norm_silu(Tensor x, Tensor weight, Tensor bias, Tensor? scale, Tensor? shift, int groups, "
+        "float eps) -> Tensor");
 }
 
 // `import diffaug_fast._C` loads this library, which runs the registrations above.

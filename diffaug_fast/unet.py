@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.norm import group_norm_silu_eager_or_op
 from .ops.winograd import WinogradConv2d, winograd_supported
 from .schedule import Schedule, make_schedule
 
@@ -162,6 +163,12 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), 32, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
+def norm_silu(norm: GroupNorm32, x: torch.Tensor, scale: torch.Tensor | None = None,
+              shift: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(norm(x) * (1 + scale) + shift) through the fused op (one pass on CPU float32)."""
+    return group_norm_silu_eager_or_op(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)
+
+
 CONV_ALGOS = ("direct", "winograd")
 
 
@@ -222,9 +229,12 @@ class ResBlock(nn.Module):
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
+    fused_norm = False  # set by UNet.set_fused_norm: GN(+scale/shift)+SiLU through ops.norm for float32
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         norm, act, conv = self.in_layers
-        h = act(norm(x))
+        fused = self.fused_norm and x.dtype == torch.float32
+        h = norm_silu(norm, x) if fused else act(norm(x))
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = conv(h)
@@ -232,10 +242,13 @@ class ResBlock(nn.Module):
         out_norm, out_act, out_drop, out_conv = self.out_layers
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = out_norm(h) * (1 + scale) + shift
+            if fused:
+                h = norm_silu(out_norm, h, scale.flatten(1), shift.flatten(1))
+            else:
+                h = out_act(out_norm(h) * (1 + scale) + shift)
         else:
-            h = out_norm(h + emb_out)
-        h = out_conv(out_drop(out_act(h)))
+            h = out_act(out_norm(h + emb_out))
+        h = out_conv(out_drop(h))
         return self.skip_connection(x) + h
 
 
@@ -301,6 +314,7 @@ class UNet(nn.Module):
         self.compute_dtype = torch.float32
         self.eps_only = False  # set by Denoiser(eps_only=True): `out` computes only the eps channels
         self.conv_algo = "direct"
+        self.fused_norm = False  # set_fused_norm
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
@@ -371,6 +385,16 @@ class UNet(nn.Module):
         self.compute_dtype = dtype
         return self
 
+    def set_fused_norm(self, enabled: bool) -> UNet:
+        """Run GroupNorm (+ timestep scale/shift) + SiLU as one op (``ops/norm.py``) in the residual blocks
+        and the output layer. On CPU float32 that is the extension's single-pass kernel (results differ from
+        the unfused chain by float32 rounding); elsewhere the op runs the unfused chain."""
+        self.fused_norm = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                m.fused_norm = self.fused_norm
+        return self
+
     def set_conv_algo(self, algo: str, min_hw: int = 56 * 56) -> UNet:
         """Choose how the stride-1 3x3 float32 convolutions run on CPU.
 
@@ -407,11 +431,14 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         if not self.eps_only:
+            if self.fused_norm:
+                return self.out[2](norm_silu(self.out[0], h.float()))
             return self.out(h.float())
         # Only the eps rows of the final conv: DiffAug never reads the variance channels.
         norm, act, conv = self.out
         c = cfg.in_channels
-        return conv._conv_forward(act(norm(h.float())), conv.weight[:c], conv.bias[:c])
+        h = norm_silu(norm, h.float()) if self.fused_norm else act(norm(h.float()))
+        return conv._conv_forward(h, conv.weight[:c], conv.bias[:c])
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-__all__ = ["loaded", "has_kernel", "error"]
+__all__ = ["loaded", "has_kernel", "has_op", "error"]
 
 _ERROR: list[str] = []
 
@@ -31,6 +31,17 @@ def has_kernel(key: str) -> bool:
     return loaded() and all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"diffaug_fast_ext::{op}", key) for op in ("pre", "post")
     )
+
+
+def has_op(op: str, key: str) -> bool:
+    """Whether the extension defines ``diffaug_fast_ext::<op>`` with a kernel for dispatch key ``key``
+    (an extension built from older sources may lack newer ops)."""
+    if not loaded():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"diffaug_fast_ext::{op}", key)
+    except RuntimeError:  # the op is not defined at all
+        return False
 
 
 def error() -> str | None:
