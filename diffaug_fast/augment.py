@@ -157,7 +157,8 @@ def augment(
     t_range: (lo, hi), half-open; default (0, T) with T the schedule's steps, i.e. (0, 1000) for ADM.
     noise: None (drawn from N(0, 1) with ``generator``) or a float tensor shaped like x's [B, 3, H, W] view.
     seed, offset: instead of noise, draw it in-kernel from Philox4x32-10 (element i of the [B, 3, H, W]
-    view uses counter offset + i): same (seed, offset) -> same noise on every backend and layout. Give
+    view is lane (offset + i) % 4 of block (offset + i) // 4, see ops/philox.py): same (seed, offset) ->
+    same noise on every backend and layout. Give
     the next call offset + x's element count for fresh noise. t is still drawn with ``generator``.
     out: write the result here ([B, 3, H, W], any float dtype and strides, e.g. ``batch[B:]`` of a
     preallocated [clean; diffaug] batch) and return it.
