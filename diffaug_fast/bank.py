@@ -195,12 +195,14 @@ def unet_gflops(denoiser, size: int) -> float:
     return fc.get_total_flops() / 1e9
 
 
-def _unet_options(half: bool, conv_algo: str, compile: bool, device: torch.device) -> dict:
+def _unet_options(half: bool, conv_algo: str, compile: bool, device: torch.device, fused_norm: bool = True) -> dict:
     """The fast UNet path: half precision where the device computes it natively (fp16 on GPU, bf16 on
-    AMX/AVX512-BF16 CPUs), only the eps rows of the last conv, channels_last on GPU, optional compile."""
+    AMX/AVX512-BF16 CPUs), only the eps rows of the last conv, channels_last on GPU, the fused
+    GroupNorm+SiLU kernel (CPU float32), optional compile. Banks built before fused_norm existed
+    record none and are recomputed without it."""
     dtype = (fast_half_dtype(device) if half else None) or torch.float32
     return dict(dtype=dtype, eps_only=True, channels_last=device.type == "cuda",
-                conv_algo=conv_algo if dtype == torch.float32 else "direct", compile=compile)
+                conv_algo=conv_algo if dtype == torch.float32 else "direct", compile=compile, fused_norm=fused_norm)
 
 
 def _encode(img: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -275,7 +277,7 @@ def build_bank(args: argparse.Namespace) -> dict | None:
         "t_range": list(t_range), "views": args.views, "seed": args.seed, "format": fmt,
         "quality": None if args.lossless else args.quality, "image_size": size, "resize_size": args.resize_size,
         "shard_images": args.shard_images, "batch_size": args.batch_size, "half": bool(args.half),
-        "conv_algo": args.conv_algo,
+        "conv_algo": args.conv_algo, "fused_norm": True,
         "recompute": "augment(view, denoiser, t=t, generator=torch.Generator().manual_seed(seed))",
     }
     plan_path = out / "plan.json"
@@ -424,7 +426,8 @@ def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = T
         if file_sha256(Path(man["checkpoint"])) != man["checkpoint_sha256"]:
             raise BankError(f"the checkpoint at {man['checkpoint']} changed since the bank was built")
         den = load_denoiser(man["checkpoint"], man["unet"] if man["unet"] != "custom" else None,
-                            **_unet_options(man["half"], man["conv_algo"], False, torch.device("cpu")))
+                            **_unet_options(man["half"], man["conv_algo"], False, torch.device("cpu"),
+                                           man.get("fused_norm", False)))
         rng = np.random.default_rng(seed)
         picks = sorted({(int(rng.integers(reader.num_images)), int(rng.integers(reader.views))) for _ in range(sample)})
         # Recompute each view inside the very batch it was built in: a conv's rounding depends on the batch

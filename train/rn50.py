@@ -145,12 +145,17 @@ def amp_dtype_for(device: torch.device, say) -> torch.dtype | None:
 def load_unet(s: Settings, device: torch.device) -> df.Denoiser:
     if s.unet:
         try:
-            return df.load_denoiser(s.unet, s.unet_preset, device=device)
+            return df.load_denoiser(s.unet, s.unet_preset, device=device, **FAST_UNET)
         except df.CheckpointError as e:
             raise SystemExit(f"--unet {s.unet}: {e}") from None
     torch.manual_seed(s.seed)
     preset = s.unet_preset or "adm-tiny"
-    return df.Denoiser(df.UNet(df.get_preset(preset)).to(device), name=f"{preset} (random weights)")
+    return df.Denoiser(df.UNet(df.get_preset(preset)).to(device), name=f"{preset} (random weights)", **FAST_UNET)
+
+
+# the UNet's fast path for online DiffAug (bench/NOTES.md): only the eps rows of the last conv,
+# channels_last on GPU, GroupNorm + scale/shift + SiLU fused (the CPU float32 kernel)
+FAST_UNET = dict(eps_only=True, channels_last=None, fused_norm=True)
 
 
 def open_bank(path: str, index, train_root: Path, s: Settings) -> BankReader:
