@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from . import __version__, augment, load_denoiser
 from .distributed import barrier, gather_objects, init_distributed
-from .hardware import fast_half_dtype
+from .hardware import fast_half_dtype, keep_freed_memory
 from .io import atomic_write_bytes
 
 __all__ = ["view_seed", "view_t", "view_noise", "pick_view", "BankReader", "build_bank", "verify_bank", "BankError",
@@ -260,6 +260,8 @@ def build_bank(args: argparse.Namespace) -> dict | None:
     barrier()
     if index is None:
         index = scan_dataset(data, progress=False)  # reads the scan cache rank 0 wrote
+    if w.device.type == "cpu":
+        keep_freed_memory()  # big activations reuse their pages instead of faulting them in every call
     try:
         den = load_denoiser(args.unet, args.unet_preset, device=w.device, **_unet_options(args.half, args.conv_algo,
                                                                                            args.compile, w.device))

@@ -52,7 +52,7 @@ from diffaug_fast.ensemble import (
     evaluate_corruptions,
     evaluate_folder,
 )
-from diffaug_fast.hardware import fast_half_dtype
+from diffaug_fast.hardware import fast_half_dtype, keep_freed_memory
 from diffaug_fast.io import atomic_save
 from diffaug_fast.ops.fused import to_unit
 from diffaug_fast.synthetic import make_synthetic_dataset
@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     s = parse_args(argv)
     w = init_distributed()
     rank, world, device = w.rank, w.size, w.device
+    if device.type == "cpu":
+        keep_freed_memory()  # big CPU tensors reuse their pages (diffaug_fast.hardware)
     demo = s.data is None
     if demo:
         s.data = broadcast_object(str(make_synthetic_dataset()) if rank == 0 else None)
