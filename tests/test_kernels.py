@@ -368,9 +368,11 @@ def test_compile_fullgraph_no_graph_breaks():
     t = torch.tensor([0, 999])
     noise = torch.randn_like(x)
 
+    ws = df.Workspace()
+
     def fn(x, t, noise):
         y = df.augment(x, small, t=t, noise=noise, mean=MEAN, std=STD)
-        return df.augment(x, small, t=t, seed=5, offset=7) + y
+        return df.augment(x, small, t=t, seed=5, offset=7, workspace=ws) + y
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True)  # raises on any graph break
