@@ -4,8 +4,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace diffaug {
@@ -75,6 +77,45 @@ inline void check_post(const at::Tensor& model_out, const at::Tensor& x_t, const
   TORCH_CHECK(out.sizes() == x_t.sizes() && is_float_kind(out.scalar_type()), "out must be float shaped like x_t");
   TORCH_CHECK(model_out.device() == x_t.device() && out.device() == x_t.device(), "tensors must share a device");
   check_table(t, table, x_t.size(0), x_t);
+}
+
+// Runtime dtypes -> template arguments, shared by the CPU and CUDA launchers. dispatch_pre calls
+// f(TX{}, TT{}, NOISE, MODE) with TX the input's element type, TT x_t's (float, half or bfloat16),
+// NOISE a bool_constant (explicit noise tensor vs Philox) and MODE an int_constant: 0 = floats in
+// [-1, 1], 1 = classifier-normalized floats, 2 = uint8 pixels. dispatch_post calls f(TM{}, TT{}, TO{})
+// for the model output, x_t and out element types.
+template <typename F>
+void dispatch_pre(const at::Tensor& x, const at::Tensor& x_t, bool has_noise, bool normalized, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "diffaug_pre_xt", [&] {
+    using TT = scalar_t;
+    if constexpr (!std::is_same_v<TT, double>) {
+      auto by_noise = [&](auto tx, auto mode) {
+        if (has_noise) f(tx, TT{}, std::true_type{}, mode);
+        else f(tx, TT{}, std::false_type{}, mode);
+      };
+      if (x.scalar_type() == at::kByte) {
+        by_noise(uint8_t{}, std::integral_constant<int, 2>{});
+      } else {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffaug_pre_x", [&] {
+          if (normalized) by_noise(scalar_t{}, std::integral_constant<int, 1>{});
+          else by_noise(scalar_t{}, std::integral_constant<int, 0>{});
+        });
+      }
+    }
+  });
+}
+
+template <typename F>
+void dispatch_post(const at::Tensor& model_out, const at::Tensor& x_t, const at::Tensor& out, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_out.scalar_type(), "diffaug_post_eps", [&] {
+    using TM = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "diffaug_post_xt", [&] {
+      using TT = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diffaug_post_out", [&] {
+        if constexpr (!std::is_same_v<TM, double> && !std::is_same_v<TT, double>) f(TM{}, TT{}, scalar_t{});
+      });
+    });
+  });
 }
 
 }  // namespace diffaug

@@ -22,7 +22,7 @@
 namespace diffaug {
 namespace {
 
-enum class In { Plain = 0, Normalized = 1, Pixels = 2 };
+enum class In { Plain = 0, Normalized = 1, Pixels = 2 };  // dispatch_pre's MODE (augment_args.h)
 
 // A row is either one channel of one image row (planar: n = W elements, stride = the W stride) or, when
 // every tensor stores channels interleaved with W stride C (channels_last), the whole pixel row
@@ -253,29 +253,10 @@ void pre_cpu(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table, 
     seed = static_cast<uint64_t>(ph.data_ptr<int64_t>()[0]);
     offset = static_cast<uint64_t>(ph.data_ptr<int64_t>()[1]);
   }
-  const bool norm = ms.given();
   at::Tensor xt = x_t;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "diffaug_pre_xt", [&] {
-    using TT = scalar_t;
-    if constexpr (!std::is_same_v<TT, double>) {
-      auto run = [&](auto tx, auto noise_flag, auto mode) {
-        using TX = decltype(tx);
-        pre_launch<TX, TT, decltype(noise_flag)::value, decltype(mode)::value>(x, noise, xt, sa, s1ma, L, seed,
-                                                                               offset);
-      };
-      auto by_noise = [&](auto tx, auto mode) {
-        if (noise) run(tx, std::true_type{}, mode);
-        else run(tx, std::false_type{}, mode);
-      };
-      if (x.scalar_type() == at::kByte) {
-        by_noise(uint8_t{}, std::integral_constant<In, In::Pixels>{});
-      } else {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffaug_pre_x", [&] {
-          if (norm) by_noise(scalar_t{}, std::integral_constant<In, In::Normalized>{});
-          else by_noise(scalar_t{}, std::integral_constant<In, In::Plain>{});
-        });
-      }
-    }
+  dispatch_pre(x, x_t, noise.has_value(), ms.given(), [&](auto tx, auto tt, auto noise_flag, auto mode) {
+    pre_launch<decltype(tx), decltype(tt), decltype(noise_flag)::value, static_cast<In>(decltype(mode)::value)>(
+        x, noise, xt, sa, s1ma, L, seed, offset);
   });
 }
 
@@ -332,18 +313,12 @@ void post_cpu(const at::Tensor& model_out, const at::Tensor& x_t, const at::Tens
   const auto sr = gather(t, table, 2), srm1 = gather(t, table, 3);
   const bool norm = ms.given();
   at::Tensor o = out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_out.scalar_type(), "diffaug_post_eps", [&] {
-    using TM = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "diffaug_post_xt", [&] {
-      using TT = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diffaug_post_out", [&] {
-        using TO = scalar_t;
-        if constexpr (!std::is_same_v<TM, double> && !std::is_same_v<TT, double>) {
-          if (norm) post_launch<TM, TT, TO, true>(model_out, x_t, o, sr, srm1, L, clip);
-          else post_launch<TM, TT, TO, false>(model_out, x_t, o, sr, srm1, L, clip);
-        }
-      });
-    });
+  dispatch_post(model_out, x_t, out, [&](auto tm, auto tt, auto to) {
+    using TM = decltype(tm);
+    using TT = decltype(tt);
+    using TO = decltype(to);
+    if (norm) post_launch<TM, TT, TO, true>(model_out, x_t, o, sr, srm1, L, clip);
+    else post_launch<TM, TT, TO, false>(model_out, x_t, o, sr, srm1, L, clip);
   });
 }
 

@@ -129,27 +129,11 @@ void pre_cuda(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table,
   if (B * H * W == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const float* N = noise ? noise->data_ptr<float>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "diffaug_pre_xt", [&] {
-    using TT = scalar_t;
-    if constexpr (!std::is_same_v<TT, double>) {
-      auto launch = [&](auto tx, auto noise_flag, auto mode) {
-        using TX = decltype(tx);
-        pre_kernel<TX, TT, decltype(noise_flag)::value, decltype(mode)::value>
-            <<<blocks_for(B * H * W), kThreads, 0, stream>>>(x.data_ptr<TX>(), N, x_t.data_ptr<TT>(), a);
-      };
-      auto by_noise = [&](auto tx, auto mode) {
-        if (noise) launch(tx, std::true_type{}, mode);
-        else launch(tx, std::false_type{}, mode);
-      };
-      if (x.scalar_type() == at::kByte) {
-        by_noise(uint8_t{}, std::integral_constant<int, 2>{});
-      } else {
-        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffaug_pre_x", [&] {
-          if (norm) by_noise(scalar_t{}, std::integral_constant<int, 1>{});
-          else by_noise(scalar_t{}, std::integral_constant<int, 0>{});
-        });
-      }
-    }
+  dispatch_pre(x, x_t, noise.has_value(), norm, [&](auto tx, auto tt, auto noise_flag, auto mode) {
+    using TX = decltype(tx);
+    using TT = decltype(tt);
+    pre_kernel<TX, TT, decltype(noise_flag)::value, decltype(mode)::value>
+        <<<blocks_for(B * H * W), kThreads, 0, stream>>>(x.data_ptr<TX>(), N, x_t.data_ptr<TT>(), a);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -167,18 +151,12 @@ void post_cuda(const at::Tensor& model_out, const at::Tensor& x_t, const at::Ten
   a.norm = fill_params(a, C, mean, stdv);
   if (B * H * W == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_out.scalar_type(), "diffaug_post_eps", [&] {
-    using TM = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "diffaug_post_xt", [&] {
-      using TT = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diffaug_post_out", [&] {
-        using TO = scalar_t;
-        if constexpr (!std::is_same_v<TM, double> && !std::is_same_v<TT, double>) {
-          post_kernel<TM, TT, TO><<<blocks_for(B * H * W), kThreads, 0, stream>>>(
-              model_out.data_ptr<TM>(), x_t.data_ptr<TT>(), out.data_ptr<TO>(), a);
-        }
-      });
-    });
+  dispatch_post(model_out, x_t, out, [&](auto tm, auto tt, auto to) {
+    using TM = decltype(tm);
+    using TT = decltype(tt);
+    using TO = decltype(to);
+    post_kernel<TM, TT, TO><<<blocks_for(B * H * W), kThreads, 0, stream>>>(model_out.data_ptr<TM>(),
+                                                                         x_t.data_ptr<TT>(), out.data_ptr<TO>(), a);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -10,6 +10,8 @@ GPU, torch.compile's fusion is the fuser. A fake implementation lets torch.compi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,8 @@ __all__ = ["group_norm_silu", "group_norm_silu_eager_or_op", "group_norm_silu_re
 Tensor = torch.Tensor
 
 
-def fused_kernel_available() -> bool:
+@functools.cache
+def fused_kernel_available() -> bool:  # cached: asked on every call, ~60 times per UNet forward
     return _ext.has_op("group_norm_silu", "CPU")
 
 
