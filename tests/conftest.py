@@ -12,6 +12,21 @@ from diffaug_fast.unet import UNetConfig
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
 
+# The device dimension of the suite (issue 15). A test whose subject is device-generic takes the ``device``
+# fixture and runs on cpu and, where torch sees a GPU, on cuda; on a CPU-only machine the cuda cases are
+# reported as skipped with this one reason, so the skip count shows what was not run. GPU-only cases carry
+# ``@requires_cuda``.
+HAS_CUDA = torch.cuda.is_available()
+NO_CUDA_REASON = "no CUDA GPU on this machine (torch.cuda.is_available() is False): GPU case not run"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.gpu])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """torch.device("cpu"), then torch.device("cuda") where a GPU exists (skipped with a reason elsewhere)."""
+    return torch.device(request.param)
+
 
 def oracle_model_and_diffusion(cfg: UNetConfig):
     """OpenAI's UNetModel + SpacedDiffusion configured like ``cfg`` (the independent reference)."""
