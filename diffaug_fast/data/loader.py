@@ -61,7 +61,8 @@ class Loader:
     def __init__(self, index: DatasetIndex, split: str, *, batch_size: int, output: str, dtype: torch.dtype,
                  channels_last: bool, mean, std, shard_id: int, num_shards: int, seed: int, num_workers: int,
                  drop_last: bool, device: torch.device, crop_size: int = CROP, resize_size: int = RESIZE,
-                 extra_views: dict[str, Callable[[int, int], bytes]] | None = None):
+                 extra_views: dict[str, Callable[[int, int], bytes]] | None = None,
+                 clean_transform: Callable | None = None):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if output not in ("uint8", "float"):
@@ -78,6 +79,9 @@ class Loader:
         # extra views: name -> fn(epoch, dataset index) -> encoded image bytes of a crop_size x crop_size
         # image (e.g. a stored DiffAug view from the bank), decoded by the same pipeline as the others
         self.extra_views = dict(extra_views or {})
+        # clean_transform(pil_image, seed) -> pil_image: a PIL transform of the clean train view (the ViT
+        # recipe's RandAugment), given a seed from (loader seed, epoch, dataset index) so it replays on resume
+        self.clean_transform = clean_transform
         self.index, self.split, self.batch_size = index, split, batch_size
         self.output, self.dtype, self.channels_last = output, dtype, channels_last
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -178,6 +182,7 @@ def build_loader(
     crop_size: int = CROP,
     resize_size: int = RESIZE,
     extra_views: dict[str, Callable[[int, int], bytes]] | None = None,
+    clean_transform: Callable | None = None,
 ) -> Loader:
     """Batches of crop_size x crop_size views (default 224, from Resize(256)) of ``index``'s images.
 
@@ -192,6 +197,8 @@ def build_loader(
     Sharding: each of num_shards ranks passes its shard_id; drop_last defaults to True for train, False for val.
     extra_views: {name: fn(epoch, index) -> bytes}: more views per sample, given as encoded crop_size images
     (the trainer's bank mode: a stored DiffAug view), decoded and laid out like the others.
+    clean_transform: fn(pil_image, seed) -> pil_image applied to the clean train view after crop and flip
+    (e.g. RandAugment); PIL-based, so the torch backend only. seed comes from (seed, epoch, dataset index).
     """
     if backend == "auto":
         backend = os.environ.get("DIFFAUG_DATA_BACKEND", "auto")
@@ -200,10 +207,14 @@ def build_loader(
         backend = avail[0]
     if backend not in avail:
         raise ValueError(f"data backend {backend!r} is not available; available: {avail}")
+    if clean_transform is not None and backend != "torch":
+        raise ValueError(f"clean_transform (a PIL transform such as RandAugment) needs the torch backend, "
+                         f"not {backend!r}")
     kw = dict(batch_size=batch_size, output=output, dtype=dtype, channels_last=channels_last, mean=mean, std=std,
               shard_id=shard_id, num_shards=num_shards, seed=seed, num_workers=num_workers,
               drop_last=(split == "train") if drop_last is None else drop_last, device=_resolve_device(device),
-              crop_size=crop_size, resize_size=resize_size, extra_views=extra_views)
+              crop_size=crop_size, resize_size=resize_size, extra_views=extra_views,
+              clean_transform=clean_transform)
     if backend == "dali":
         from .dali import DaliLoader
 

@@ -27,9 +27,10 @@ class ViewDataset(torch.utils.data.Dataset):
     """Map-style dataset keyed by (epoch, dataset index) -> dict of uint8 HWC views and the index."""
 
     def __init__(self, files: list[str], sizes: np.ndarray, split: str, seed: int, crop: int = 224,
-                 resize: int = 256, extra_views: dict | None = None):
+                 resize: int = 256, extra_views: dict | None = None, clean_transform=None):
         self.files, self.sizes, self.split, self.seed = files, sizes, split, seed
         self.crop, self.resize, self.extra_views = crop, resize, dict(extra_views or {})
+        self.clean_transform = clean_transform
 
     def __len__(self) -> int:
         return len(self.files)
@@ -53,8 +54,15 @@ class ViewDataset(torch.utils.data.Dataset):
         clean = img.resize(crop, Image.BILINEAR, box=(left, top, left + cw, top + ch))
         if flip:
             clean = clean.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.clean_transform is not None:
+            clean = self.clean_transform(clean, sample_seed(self.seed, epoch, i))
         return {"clean": torch.from_numpy(np.array(clean)), "diffaug": torch.from_numpy(np.array(center)),
                 "index": i, **extra}
+
+
+def sample_seed(seed: int, epoch: int, i: int) -> int:
+    """A 32-bit seed for one sample's random transform, from (loader seed, epoch, dataset index)."""
+    return int(np.random.SeedSequence([seed, epoch, i]).generate_state(1)[0])
 
 
 class _Batches:
@@ -78,7 +86,7 @@ class TorchLoader(Loader):
         super().__init__(index, split, **kw)
         self.prefetch = prefetch
         self._dataset = ViewDataset(index.files, self._sizes, split, self.seed, self.crop_size, self.resize_size,
-                                    self.extra_views)
+                                    self.extra_views, self.clean_transform)
 
     def _produce(self, batches: list[np.ndarray], epoch: int) -> Iterator[dict]:
         if not batches:
