@@ -175,7 +175,8 @@ class PairMix:
             y0, y1, x0, x1 = box
             x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
         else:
-            x.mul_(lam).add_(x.flip(0).mul_(1.0 - lam))
+            partner = x.flip(0).mul_(1.0 - lam)  # a copy, taken before x is scaled in place
+            x.mul_(lam).add_(partner)
 
     def targets(self, y: torch.Tensor, lam: float) -> torch.Tensor:
         """Smoothed mixed targets float32 [N, num_classes]: lam * onehot(y) + (1 - lam) * onehot(y.flip(0))."""
@@ -195,6 +196,18 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.sum(-target * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, also for 0 bits (what 'inc1' at magnitude 10 asks): Pillow >= 10 refuses 0 bits,
+    which keep no bit at all (a black image, what older Pillow returned)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
 class SeededRandAugment:
     """timm's RandAugment (``config`` like DeiT's 'rand-m9-mstd0.5-inc1') as ``fn(pil_image, seed)``.
 
@@ -211,8 +224,12 @@ class SeededRandAugment:
         try:
             self.op = rand_augment_transform(config, hparams)
         except Exception as e:
-            raise InitError(f"--aa {config!r}: not a RandAugment policy timm understands ({e}); "
+            why = f" ({e})" if str(e) else ""
+            raise InitError(f"--aa {config!r}: not a RandAugment policy timm understands{why}; "
                             "e.g. rand-m9-mstd0.5-inc1, or none") from None
+        for op in getattr(self.op, "ops", []):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
         self.config = config
 
     def __call__(self, img, seed: int):
