@@ -400,16 +400,23 @@ class Trainer:
                                     f"{self.recipe.name}-{s.diffaug.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
         path = Path(s.out) / s.run_name
         error = None
+        if s.resume and path.is_dir() and not any((path / f).exists() for f in ("last.pt", "prev.pt")):
+            # killed before its first checkpoint: nothing to continue, and nothing lost by starting over
+            self.say(f"--resume: {path} has no checkpoint yet (stopped during its first epoch): starting it afresh")
+            s.resume, fresh = False, True
+        else:
+            fresh = False
         if self.is_main:
             try:
-                self.run = open_run(path, resume=s.resume, overwrite=s.overwrite, reuse=self.demo and not s.resume)
+                self.rundir = open_run(path, resume=s.resume, overwrite=s.overwrite or fresh,
+                                       reuse=self.demo and not s.resume)
             except RunError as e:
                 error = str(e)
         error = broadcast_object(error)
         if error:
             raise SystemExit(error)
         if not self.is_main:
-            self.run = RunDir(path, None)  # other ranks only read checkpoints; rank 0 holds the lock
+            self.rundir = RunDir(path, None)  # other ranks only read checkpoints; rank 0 holds the lock
         self.run_dir = path
         self.log = JsonLog(path / "log.jsonl" if self.is_main else None)
         if self.is_main:
@@ -445,7 +452,7 @@ class Trainer:
         path, error = None, None
         if self.is_main:
             try:
-                _, path = self.run.load_checkpoint(map_location="cpu", say=self.say)
+                _, path = self.rundir.load_checkpoint(map_location="cpu", say=self.say)
             except RunError as e:
                 error = str(e)
         path, error = broadcast_object((str(path) if path else None, error))
@@ -499,8 +506,8 @@ class Trainer:
                      "recipe": self.recipe.name}
             fault = os.environ.get(FAULT_ENV, "")
             if position == 0 and fault in (f"save:{epoch}", f"save-mid:{epoch}"):
-                _simulate_killed_save(self.run, state, mid=fault.startswith("save-mid"))
-            self.run.save_checkpoint(state)
+                _simulate_killed_save(self.rundir, state, mid=fault.startswith("save-mid"))
+            self.rundir.save_checkpoint(state)
         barrier()
 
     def sched_step(self, where: str) -> None:
@@ -543,8 +550,12 @@ class Trainer:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        if s.max_steps is not None and self.total_steps >= s.max_steps:
-            raise SystemExit(f"--resume: the run already made its --max-steps {s.max_steps} steps: nothing to do")
+        # a resumed run whose training is done but whose evaluation/report was cut short just finishes those
+        trained = self.epoch >= s.epochs or (s.max_steps is not None and self.total_steps >= s.max_steps)
+        if trained and broadcast_object(self.is_main and any(r.get("event") == "summary"
+                                                             for r in _read_log(self.log.path))):
+            raise SystemExit(f"--resume: {self.run_dir} already finished (epoch {self.epoch}, {self.total_steps} "
+                             "steps): nothing to do; raise --epochs or --max-steps to train on")
         if self._eval_pending():
             self.evaluate(self.epoch)
         barrier()
@@ -555,7 +566,7 @@ class Trainer:
         timed_images, timed_clean, timed_seconds, warmup = 0, 0, 0.0, 2
         start_epoch, start_pos = self.epoch, self.position
         rate = float("nan")
-        for epoch in range(start_epoch, s.epochs):
+        for epoch in range(start_epoch, start_epoch if trained else s.epochs):
             self.epoch = epoch
             self.net.train()
             self.loader.set_epoch(epoch)
@@ -564,6 +575,7 @@ class Trainer:
                 self.loader.load_state_dict({"epoch": epoch, "position": pos})
             bar = tqdm(total=self.steps_per_epoch, initial=pos, desc=f"epoch {epoch + 1}/{s.epochs}", unit="step",
                        disable=not (s.progress and self.is_main), dynamic_ncols=True)
+            step = pos - 1  # (a run stopped after an epoch's last step resumes with nothing left in it)
             for step, batch in enumerate(self.loader, start=pos):
                 t0 = time.perf_counter()
                 g = step_generator(s, epoch, step, self.rank, dev)
@@ -613,8 +625,7 @@ class Trainer:
                 break
 
         if self.total_steps == 0:
-            raise SystemExit(f"trained 0 steps: --epochs {s.epochs} leaves nothing to do"
-                             + (" (the run had already finished: nothing to resume)" if s.resume else ""))
+            raise SystemExit(f"trained 0 steps: --epochs {s.epochs} leaves nothing to do")
         rate = timed_images / timed_seconds if timed_seconds else float("nan")
         clean_rate = timed_clean / timed_seconds if timed_seconds else float("nan")
         summary: dict = {"img_per_s": rate, "clean_img_per_s": clean_rate, "steps": self.total_steps,
@@ -641,6 +652,8 @@ class Trainer:
             self.announce()
             return self.fit()
         finally:
+            if getattr(self, "rundir", None) is not None:
+                self.rundir.close()  # frees the run-folder lock (in-process callers run again)
             if self.size > 1 and dist.is_initialized():
                 dist.destroy_process_group()
 
