@@ -1,0 +1,95 @@
+"""What a finished run reports (the engine's default ``Recipe.final_report``): DiffAug Ensemble accuracy,
+the corrupted split, baseline-vs-DiffAug step timing and a picture of the DiffAug views."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from .augment import augment
+from .data import build_loader
+from .ensemble import DE_TIMESTEPS, IMAGENET_MEAN, IMAGENET_STD, evaluate_corruptions, evaluate_folder
+from .ops.fused import to_unit
+from .viz import save_grid
+
+__all__ = ["final_report", "bench_steps", "first_of_each_class", "GRID_TS"]
+
+GRID_TS = (0, 100, 250, 500, 750, 999)
+
+
+def final_report(tr) -> dict:
+    """tr: the finished :class:`diffaug_fast.training.Trainer` (rank 0)."""
+    s, say, den, dev = tr.s, tr.say, tr.den, tr.device
+    common = dict(batch_size=tr.per_rank, backend=s.loader, device=dev, autocast_dtype=tr.amp_dtype, **tr.geometry)
+    out: dict = {}
+    if s.de_eval and den is not None:
+        res = evaluate_folder(tr.model, tr.val_index, tr.classes, denoiser=den, timesteps=DE_TIMESTEPS, **common)
+        say(f"val top-1: plain {res['top1']:.2f}%, DiffAug Ensemble {res['top1_de']:.2f}% "
+            f"(t in {list(DE_TIMESTEPS)}, {res['n']} images)")
+        out["val"] = res
+    val_c = Path(s.val_c) if s.val_c else (tr.root / "val-c" if (tr.root / "val-c").is_dir() else None)
+    if val_c is not None:
+        table = evaluate_corruptions(tr.model, val_c, tr.classes, denoiser=den if s.de_eval else None, **common)
+        say(f"corrupted val ({val_c}):")
+        for row in table:
+            say("  " + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        out["val_c"] = table
+    if s.bench_steps:
+        out["bench"] = bench_steps(tr)
+    images = first_of_each_class(tr.val_index, tr.geometry, s.loader)
+    if images is not None and den is not None:
+        g = torch.Generator(device=dev).manual_seed(s.seed)
+        unit = to_unit(images.to(dev), IMAGENET_MEAN, IMAGENET_STD)
+        cols = [unit] + [augment(unit, den, t=t, generator=g) for t in GRID_TS]
+        path = save_grid(cols, tr.run_dir / "diffaug_views.png", col_labels=["clean"] + [f"t={t}" for t in GRID_TS],
+                         row_labels=[tr.classes[i] for i in range(len(cols[0]))],
+                         title=f"DiffAug views, UNet {den.name}")
+        say(f"wrote {path}")
+        out["grid"] = str(path)
+    return out
+
+
+def first_of_each_class(val_index, geometry, backend, limit: int = 6) -> torch.Tensor | None:
+    """Up to ``limit`` val images (normalized, one per class, by label) for the picture."""
+    picks, seen = [], set()
+    for i, y in enumerate(val_index.labels):
+        if y not in seen:
+            seen.add(y)
+            picks.append(i)
+        if len(picks) == limit:
+            break
+    loader = build_loader(val_index.subset(picks), "val", batch_size=len(picks), backend=backend, output="float",
+                          channels_last=False, **geometry)
+    for batch in loader:
+        return batch["image"][torch.argsort(batch["label"])]
+    return None
+
+
+def bench_steps(tr) -> dict:
+    """Time a few steps baseline (clean only) vs DiffAug online on throwaway copies of the model."""
+    from .training import step_generator, train_step
+
+    s, dev = tr.s, tr.device
+    batch = next(iter(tr.loader))
+    res = {}
+    for mode in ("baseline", "diffaug"):
+        m = copy.deepcopy(tr.model)
+        o = torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9)
+        sc = torch.amp.GradScaler(dev.type, enabled=tr.amp_dtype == torch.float16)
+        b = batch["clean"].shape[0]
+        buf = torch.empty((2 + tr.recipe.num_extra_views) * b, *batch["clean"].shape[1:], device=dev,
+                          memory_format=torch.channels_last)
+        d = tr.den if mode == "diffaug" else None
+        times = []
+        for i in range(s.bench_steps + 1):
+            g = step_generator(s, 10**6, i, 0, dev)
+            t0 = time.perf_counter()
+            train_step(m, o, sc, batch, d, s, g, buf, dev, tr.amp_dtype, tr.recipe)[0].item()
+            times.append(time.perf_counter() - t0)
+        res[mode] = b / (sum(times[1:]) / s.bench_steps)
+    tr.say(f"throughput (clean images/s, {s.bench_steps} timed steps): baseline {res['baseline']:.1f}, "
+           f"DiffAug online {res['diffaug']:.1f} ({res['diffaug'] / res['baseline']:.2f}x baseline)")
+    return res
