@@ -511,6 +511,14 @@ def _save_shard(shards: Path, s: int, ids: list[int], members: list, meta: list)
                                    "members": meta}).encode(), shards / f"shard-{s:05d}.json")
 
 
+def _backend(name: str) -> str:
+    """The data backend "auto" resolves to (as build_loader does): verify recomputes with the same one."""
+    from .data import available_backends
+
+    name = os.environ.get("DIFFAUG_DATA_BACKEND", "auto") if name == "auto" else name
+    return available_backends()[0] if name == "auto" else name
+
+
 def _make_plan(args, data: Path, index, den, t_range, content: str) -> dict:
     fmt = "png" if args.lossless else "jpeg"
     return {
@@ -523,7 +531,7 @@ def _make_plan(args, data: Path, index, den, t_range, content: str) -> dict:
         "t_range": list(t_range), "views": args.views, "seed": args.seed, "format": fmt,
         "quality": None if args.lossless else args.quality, "image_size": args.image_size,
         "resize_size": args.resize_size, "shard_images": args.shard_images, "batch_size": args.batch_size,
-        "half": bool(args.half), "conv_algo": args.conv_algo, "fused_norm": True,
+        "half": bool(args.half), "conv_algo": args.conv_algo, "fused_norm": True, "loader": _backend(args.loader),
         "recompute": "augment(view, denoiser, t=t, generator=torch.Generator().manual_seed(seed))",
     }
 
@@ -779,7 +787,8 @@ def _recompute_sample(root: Path, man: dict, result: dict, *, sample: int, loade
     try:
         for i, v in picks:
             ids = _build_batch_of(i, man)
-            batch = next(iter(build_loader(index.subset(ids), "val", batch_size=len(ids), backend=loader,
+            backend = man.get("loader", "auto") if loader == "auto" else loader  # the build's own decoder
+            batch = next(iter(build_loader(index.subset(ids), "val", batch_size=len(ids), backend=backend,
                                            output="uint8", crop_size=man["image_size"],
                                            resize_size=man["resize_size"], num_workers=1)))
             x = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
