@@ -29,7 +29,7 @@ from PIL import Image
 
 import diffaug_fast as df
 from diffaug_fast import bank as bk
-from diffaug_fast.bank import BankError, BankReader, open_for_training, verify_bank
+from diffaug_fast.bank import BankError, BankReader, verify_bank
 from diffaug_fast.data import build_loader, scan_dataset
 from diffaug_fast.synthetic import make_synthetic_dataset
 
@@ -108,22 +108,22 @@ def _temps(out: Path) -> list[str]:
 
 def test_bank_refuses_other_settings_naming_the_first_differing_field(setup, tmp_path):
     ref, index, train = setup["ref"], setup["index"], setup["data"]
-    ok = open_for_training(ref, index, train, unet_path=setup["unet"], **SETTINGS)
+    ok = bk.open_for_training(ref, index, train, unet_path=setup["unet"], **SETTINGS)
     assert ok.views == 2 and ok.manifest["t_range"] == [0, 1000]
     cases = {"image_size": dict(SETTINGS, image_size=32), "resize_size": dict(SETTINGS, resize_size=24),
              "t_range": dict(SETTINGS, t_range=(100, None))}
     for field, kw in cases.items():
         with pytest.raises(BankError, match=rf"built with {field}=.*, training uses"):
-            open_for_training(ref, index, train, unet_path=setup["unet"], **kw)
+            bk.open_for_training(ref, index, train, unet_path=setup["unet"], **kw)
     with pytest.raises(BankError, match="built with schedule="):
-        open_for_training(ref, index, train, unet_path=None, **SETTINGS,
+        bk.open_for_training(ref, index, train, unet_path=None, **SETTINGS,
                           schedule={"name": "cosine", "steps": 4000, "rescale_timesteps": True})
     other = tmp_path / "other.pt"
     sd = torch.load(setup["unet"], weights_only=True)
     sd["out.2.bias"] = sd["out.2.bias"] + 1
     torch.save(sd, other)
     with pytest.raises(BankError, match="another UNet checkpoint"):
-        open_for_training(ref, index, train, unet_path=other, **SETTINGS)
+        bk.open_for_training(ref, index, train, unet_path=other, **SETTINGS)
 
 
 def test_bank_refuses_a_tree_with_the_same_names_and_other_pixels(setup, tmp_path):
@@ -135,7 +135,7 @@ def test_bank_refuses_a_tree_with_the_same_names_and_other_pixels(setup, tmp_pat
     # the name/label fingerprint, the only check before issue 14, cannot see it:
     assert bk.dataset_fingerprint(index, tree) == bk.dataset_fingerprint(setup["index"], setup["data"])
     with pytest.raises(BankError, match=rf"other pixels.*first: {victim}"):
-        open_for_training(setup["ref"], index, tree, unet_path=None, **SETTINGS)
+        bk.open_for_training(setup["ref"], index, tree, unet_path=None, **SETTINGS)
 
 
 def test_source_digest_is_size_and_three_samples(tmp_path):
