@@ -579,6 +579,9 @@ def build_bank(args: argparse.Namespace) -> dict | None:
         plan = _make_plan(args, data, index, den, t_range, content_fingerprint(digests))
         if plan_path.exists():
             old, err = _read_json(plan_path, "plan")
+            if (old or {}).get("format_version", 1) != FORMAT_VERSION:
+                raise SystemExit(f"{out} holds a bank build of format {(old or {}).get('format_version', 1)}; this "
+                                 f"version writes format {FORMAT_VERSION}: use another --out (or delete that one)")
             diff = sorted(k for k in plan if k != "package_version" and (old or {}).get(k) != plan[k])
             if diff:
                 raise SystemExit(f"{out} holds a build started with other settings ({', '.join(diff)} differ): "
