@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .denoiser import Denoiser
@@ -75,6 +77,20 @@ def check_images(
         raise ValueError(f"{name} must lie in [-1, 1]; its values span [{lo:.3g}, {hi:.3g}]:{guess}")
 
 
+def philox_key(seed, offset, numel: int) -> tuple[int, int]:
+    """(seed, offset) as the int64 pair the kernels take. Any integer seed (Python or numpy) is reduced
+    modulo 2**64 to the 64-bit Philox key it names, as ops/philox.py does (so 2**64 + 5 is seed 5 and -1 is
+    2**64 - 1); offset must keep offset + numel below 2**63 (the element counter is int64)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral):
+        raise TypeError(f"offset must be an int, got {offset!r}")
+    if not 0 <= offset < 2**63 - numel:
+        raise ValueError(f"offset must lie in [0, 2**63 - x.numel()) = [0, {2**63 - numel}); got {offset}")
+    key = int(seed) % 2**64
+    return key - 2**64 if key >= 2**63 else key, int(offset)
+
+
 def resolve_timesteps(
     t: int | torch.Tensor | None,
     batch: int,
@@ -97,10 +113,15 @@ def resolve_timesteps(
         if t.shape != (batch,):
             raise ValueError(f"t must be an int or an integer tensor of shape [{batch}]; got shape {tuple(t.shape)}")
         t = t.to(device=device, dtype=torch.long)
-    elif isinstance(t, int) and not isinstance(t, bool):
-        t = torch.full((batch,), t, dtype=torch.long, device=device)
+    elif isinstance(t, numbers.Integral) and not isinstance(t, bool):  # int, numpy.int64, ...
+        if not -(2**63) <= int(t) < 2**63:
+            raise ValueError(f"t out of range: {t}, the schedule has steps 0..{num_steps - 1}")
+        t = torch.full((batch,), int(t), dtype=torch.long, device=device)
+    elif isinstance(t, np.ndarray) and np.issubdtype(t.dtype, np.integer):
+        return resolve_timesteps(torch.from_numpy(t.astype(np.int64)), batch, num_steps, t_range, device, generator)
     else:
-        raise TypeError(f"t must be None, an int or an integer tensor; got {type(t).__name__}")
+        raise TypeError(f"t must be None, an int or an integer tensor / array; got {type(t).__name__}"
+                        + (f" of dtype {t.dtype}" if isinstance(t, np.ndarray) else ""))
     if torch.compiler.is_compiling():  # .item() would break the graph; the kernels index the table with t
         return t
     lo, hi = (v.item() for v in torch.aminmax(t))
@@ -159,7 +180,8 @@ def augment(
     seed, offset: instead of noise, draw it in-kernel from Philox4x32-10 (element i of the [B, 3, H, W]
     view is lane (offset + i) % 4 of block (offset + i) // 4, see ops/philox.py): same (seed, offset) ->
     same noise on every backend and layout. Give
-    the next call offset + x's element count for fresh noise. t is still drawn with ``generator``.
+    the next call offset + x's element count for fresh noise. t is still drawn with ``generator``. Any
+    integer seed is taken modulo 2**64 (the 64-bit Philox key), see ``philox_key``.
     out: write the result here ([B, 3, H, W], any float dtype and strides, e.g. ``batch[B:]`` of a
     preallocated [clean; diffaug] batch) and return it.
     backend: "cuda", "triton", "cpp", "reference" or None ($DIFFAUG_BACKEND, else the fastest available).
@@ -180,9 +202,7 @@ def augment(
     if seed is not None:
         if noise is not None:
             raise ValueError("give either noise or seed (in-kernel Philox noise), not both")
-        if not isinstance(seed, int) or not isinstance(offset, int) or offset < 0:
-            raise TypeError(f"seed and offset must be ints (offset >= 0); got {seed!r}, {offset!r}")
-        philox = torch.tensor([seed, offset], dtype=torch.int64, device=x.device)
+        philox = torch.tensor(philox_key(seed, offset, xv.numel()), dtype=torch.int64, device=x.device)
     elif noise is None:
         noise = torch.randn(xv.shape, generator=generator, device=x.device, dtype=torch.float32)
     else:
@@ -192,6 +212,8 @@ def augment(
         if not noise.is_floating_point():
             raise TypeError(f"noise must be a float tensor, got {noise.dtype}")
         noise = noise.detach().to(device=x.device, dtype=torch.float32)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise contains non-finite values (NaN or inf): give N(0, 1) noise")
     name = fused.resolve_backend(backend, x.device)
     if out is None:
         out = torch.empty_like(xv, dtype=x.dtype if x.is_floating_point() else torch.float32)

@@ -223,10 +223,39 @@ def infer_config(sd: StateDict) -> tuple[UNetConfig, str]:
                 return cfg, "custom"
         except ValueError:
             continue
+    near, diffs = nearest_preset(sd)
+    shown = "; ".join(diffs[:4]) + (f"; ... (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
     raise CheckpointError(
         "could not infer an ADM UNet architecture from this state_dict "
-        f"({len(sd)} tensors, {_count_blocks(sd, 'input_blocks.')} input blocks); pass preset= explicitly"
+        f"({len(sd)} tensors, {_count_blocks(sd, 'input_blocks.')} input blocks); the nearest preset is "
+        f"{near!r}, which differs in {len(diffs)} key(s): {shown}. Pass preset= explicitly if the checkpoint "
+        "is that model (then the full list is shown), or check that the file is complete"
     )
+
+
+def nearest_preset(sd: StateDict) -> tuple[str, list[str]]:
+    """The preset whose state_dict differs from ``sd`` in the fewest keys (missing, unexpected, or of
+    another shape), and those differences, one line each."""
+    best = None
+    for name, config in PRESETS.items():
+        want = _expected_shapes(config)
+        diffs = [f"{k} missing" for k in want if k not in sd]
+        diffs += [f"{k} unexpected" for k in sd if k not in want]
+        diffs += [f"{k} has shape {tuple(sd[k].shape)}, preset {want[k]}" for k in want
+                  if k in sd and tuple(sd[k].shape) != want[k]]
+        if best is None or len(diffs) < len(best[1]):
+            best = (name, diffs)
+    return best
+
+
+def check_finite_weights(sd: StateDict, where: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the tensors holding NaN or inf: such weights give NaN everywhere."""
+    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for k, v in sd.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" ... (+{len(bad) - 6} more)" if len(bad) > 6 else ""
+        raise CheckpointError(f"{where} has non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
+                              f"{', '.join(bad[:6])}{more}; the file is damaged or training diverged")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -465,6 +494,7 @@ def load_denoiser(
     else:
         config, name = get_preset(preset), preset
     check_state_dict(sd, config, f"preset {name!r}" if name != "custom" else "the given UNetConfig")
+    check_finite_weights(sd, where)
 
     with torch.device("meta"):
         unet = UNet(config)

@@ -35,7 +35,14 @@ class _Source:
             raise StopIteration
         batch, self.k = self.batches[self.k], self.k + 1
         ld = self.loader
-        data = [np.fromfile(ld.index.files[i], dtype=np.uint8) for i in batch]
+        data, kept = [], []
+        for i in batch:
+            try:
+                data.append(np.fromfile(ld.index.files[i], dtype=np.uint8))
+                kept.append(i)
+            except OSError:  # deleted / replaced / unreadable since the scan: Loader reports it, batch goes on
+                pass
+        batch = kept
         idx = [np.array(i, dtype=np.int64) for i in batch]
         starts, ends = [], []
         for i in batch:
@@ -51,9 +58,12 @@ class _Source:
         rois = []
         for v in range(len(ld.views) - len(ld.extra_views)):
             rois += [[s[v] for s in starts], [e[v] for e in ends]]
-        extra = [[np.frombuffer(fn(self.epoch, int(i)), dtype=np.uint8) for i in batch]
-                 for fn in ld.extra_views.values()]
-        return (data, idx, *rois, *extra)
+        extra, oks = [], []
+        for fn in ld.extra_views.values():
+            got = [fn(self.epoch, int(i)) for i in batch]  # None: a view the source cannot give (damaged)
+            extra.append([np.frombuffer(ld._blank() if b is None else b, dtype=np.uint8) for b in got])
+            oks.append([np.array(b is not None) for b in got])
+        return (data, idx, *rois, *extra, *oks)
 
 
 class DaliLoader(Loader):
@@ -65,6 +75,19 @@ class DaliLoader(Loader):
         self._pipe = None
         self._source = _Source(self)
         self._busy, self._generation = False, 0  # an iteration is open / which one owns the pipeline
+        self._blank_bytes = None
+
+    def _blank(self) -> bytes:
+        """A black crop_size PNG: decoded in place of an extra view its source could not give."""
+        if self._blank_bytes is None:
+            import io
+
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.new("RGB", (self.crop_size, self.crop_size)).save(buf, format="PNG")
+            self._blank_bytes = buf.getvalue()
+        return self._blank_bytes
 
     def _build(self):
         from nvidia.dali import fn, types
@@ -75,9 +98,10 @@ class DaliLoader(Loader):
                         device_id=self.device.index if gpu else None, prefetch_queue_depth=self.prefetch)
         with pipe:
             n_cut = len(self.views) - len(self.extra_views)  # views cut from the decoded image by ROI
+            n_extra = len(self.extra_views)
             data, idx, *rest = fn.external_source(source=self._source, batch=True,
-                                                  num_outputs=2 + 2 * n_cut + len(self.extra_views))
-            rois, extra = rest[: 2 * n_cut], rest[2 * n_cut:]
+                                                  num_outputs=2 + 2 * n_cut + 2 * n_extra)
+            rois, extra, oks = rest[: 2 * n_cut], rest[2 * n_cut: 2 * n_cut + n_extra], rest[2 * n_cut + n_extra:]
             shape = fn.peek_image_shape(data, adjust_orientation=False)
             # fancy upsampling makes nvJPEG's chroma upsampling match libjpeg-turbo (and PIL) for GPU decoding
             dec_kw = {"jpeg_fancy_upsampling": True} if gpu else {}
@@ -99,7 +123,7 @@ class DaliLoader(Loader):
                                                     mean=[255 * m for m in self.mean],
                                                     std=[255 * s for s in self.std])
                 views.append(view)
-            pipe.set_outputs(idx, shape, *views)
+            pipe.set_outputs(idx, shape, *views, *oks)
         pipe.build()
         return pipe
 
@@ -137,6 +161,7 @@ class DaliLoader(Loader):
                 except RuntimeError as e:
                     names = "\n  ".join(self.index.files[i] for i in batch)
                     raise RuntimeError(f"DALI failed on a batch containing:\n  {names}\n{e}") from e
+                ok_tls, view_tls = view_tls[len(self.views):], view_tls[: len(self.views)]
                 idx = torch.from_numpy(np.array(idx_tl.as_tensor()).reshape(-1).astype(np.int64))
                 shapes = np.array(shape_tl.as_tensor()).reshape(-1, 3)[:, :2]
                 if not np.array_equal(shapes, self._sizes[idx.numpy()]):
@@ -149,6 +174,8 @@ class DaliLoader(Loader):
                     if self.output == "float" and self.channels_last:
                         x = x.permute(0, 3, 1, 2)  # NHWC data = NCHW tensor in channels_last format
                     out[name] = x
+                for name, tl in zip(self.extra_views, ok_tls, strict=True):
+                    out[f"{name}_ok"] = torch.from_numpy(np.array(tl.as_tensor()).reshape(-1).astype(bool))
                 yield out
             try:
                 pipe.run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -95,6 +96,7 @@ class Loader:
         # validates shard_id / batch_size early
         self._n_batches = len(shard_batches(np.arange(len(index)), batch_size, shard_id, num_shards, drop_last))
         self.views = (("clean", "diffaug") if split == "train" else ("image",)) + tuple(self.extra_views)
+        self.skipped: dict[int, str] = {}  # dataset index -> path of images that could not be read
 
     def __len__(self) -> int:
         return self._n_batches
@@ -135,16 +137,30 @@ class Loader:
         self._resume_epoch = None
         for k, out in enumerate(self._produce(batches[start:], self.epoch), start):
             idx = out["index"]
-            if not torch.equal(idx.cpu(), torch.from_numpy(batches[k])):
+            planned = torch.from_numpy(batches[k])
+            kept = torch.isin(planned, idx.cpu())
+            if not torch.equal(idx.cpu(), planned[kept]):
                 # labels are looked up by index below: a reordered batch would mean wrong labels
                 raise RuntimeError(f"{self.backend} loader returned samples out of order in batch {k}")
+            self._report_skipped(planned[~kept].tolist())
             out["label"] = self._labels[idx.cpu()].to(self.device)
             out["index"] = idx.to(self.device)
             for v in self.views:
                 out[v] = self._finish(out[v])
+            for v in self.extra_views:
+                out[f"{v}_ok"] = out[f"{v}_ok"].to(self.device, torch.bool)
             self.position = k + 1
             yield out
         self.epoch, self.position = self.epoch + 1, 0
+
+    def _report_skipped(self, ids: list[int]) -> None:
+        """Images the backend could not read (deleted, replaced or made unreadable after the scan): the
+        batch goes on without them; each is named once on stderr and kept in ``self.skipped``."""
+        for i in ids:
+            if i not in self.skipped:
+                self.skipped[i] = self.index.files[i]
+                warnings.warn(f"skipped {self.index.files[i]}: it cannot be read any more (changed after the "
+                              "scan); rescan the dataset to drop it for good", stacklevel=3)
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC from a backend -> the requested layout; float tensors are already normalised NCHW."""
@@ -195,8 +211,12 @@ def build_loader(
     device: None/"cpu" -> CPU tensors; "auto" -> the current CUDA device when there is one; DALI then decodes on
     the GPU ("mixed": nvJPEG / hardware decoder). num_workers: DALI CPU threads or DataLoader worker processes.
     Sharding: each of num_shards ranks passes its shard_id; drop_last defaults to True for train, False for val.
-    extra_views: {name: fn(epoch, index) -> bytes}: more views per sample, given as encoded crop_size images
-    (the trainer's bank mode: a stored DiffAug view), decoded and laid out like the others.
+    extra_views: {name: fn(epoch, index) -> bytes | None}: more views per sample, given as encoded crop_size
+    images (the trainer's bank mode: a stored DiffAug view), decoded and laid out like the others. fn returns
+    None for a view it cannot give (a damaged bank view, ``BankReader(on_bad="online")``): that row of
+    batch[name] is zeros and batch[name + "_ok"] (bool [B], always present) is False there.
+    An image that cannot be read any more (deleted or replaced after the scan) is left out of its batch
+    (the batch is one smaller), named once as a warning and listed in ``loader.skipped``.
     clean_transform: fn(pil_image, seed) -> pil_image applied to the clean train view after crop and flip
     (e.g. RandAugment); PIL-based, so the torch backend only. seed comes from (seed, epoch, dataset index).
     """

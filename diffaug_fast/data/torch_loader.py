@@ -37,8 +37,11 @@ class ViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, i = key
-        with Image.open(self.files[i]) as im:
-            img = im.convert("RGB")
+        try:
+            with Image.open(self.files[i]) as im:
+                img = im.convert("RGB")
+        except OSError:  # deleted / replaced / unreadable since the scan: _collate leaves it out
+            return {"index": i, "unreadable": True}
         h, w = (int(s) for s in self.sizes[i])
         if img.size != (w, h):
             raise RuntimeError(f"{self.files[i]}: size {img.size} differs from the scan's {(w, h)} "
@@ -46,8 +49,13 @@ class ViewDataset(torch.utils.data.Dataset):
         crop = (self.crop, self.crop)
         y0, x0, y1, x1 = center_box(h, w, self.resize, self.crop)
         center = img.resize(crop, Image.BILINEAR, box=(x0, y0, x1, y1))
-        extra = {name: torch.from_numpy(np.array(Image.open(io.BytesIO(fn(epoch, i))).convert("RGB")))
-                 for name, fn in self.extra_views.items()}
+        extra = {}
+        for name, fn in self.extra_views.items():
+            data = fn(epoch, i)
+            ok = data is not None
+            extra[name] = (torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))) if ok
+                           else torch.zeros(self.crop, self.crop, 3, dtype=torch.uint8))
+            extra[f"{name}_ok"] = ok
         if self.split != "train":
             return {"image": torch.from_numpy(np.array(center)), "index": i, **extra}
         (top, left, ch, cw), flip = train_boxes(self.seed, epoch, i, h, w)
@@ -63,6 +71,14 @@ class ViewDataset(torch.utils.data.Dataset):
 def sample_seed(seed: int, epoch: int, i: int) -> int:
     """A 32-bit seed for one sample's random transform, from (loader seed, epoch, dataset index)."""
     return int(np.random.SeedSequence([seed, epoch, i]).generate_state(1)[0])
+
+
+def _collate(items: list[dict]) -> dict:
+    """default_collate over the readable items; an all-unreadable batch gives only an empty index."""
+    good = [it for it in items if not it.get("unreadable")]
+    if not good:
+        return {"index": torch.zeros(0, dtype=torch.int64), "empty": True}
+    return torch.utils.data.default_collate(good)
 
 
 class _Batches:
@@ -95,8 +111,12 @@ class TorchLoader(Loader):
         dl = torch.utils.data.DataLoader(
             self._dataset, batch_sampler=_Batches(batches, epoch), num_workers=workers,
             prefetch_factor=self.prefetch if workers > 0 else None, pin_memory=self.device.type == "cuda",
-            multiprocessing_context=worker_context() if workers > 0 else None,
+            multiprocessing_context=worker_context() if workers > 0 else None, collate_fn=_collate,
         )
         for out in dl:
+            if out.pop("empty", False):  # every image of the batch unreadable: empty tensors of each view
+                c = self.crop_size
+                out.update({v: torch.zeros(0, c, c, 3, dtype=torch.uint8) for v in self.views})
+                out.update({f"{v}_ok": torch.zeros(0, dtype=torch.bool) for v in self.extra_views})
             out["index"] = out["index"].to(torch.int64)
             yield out
