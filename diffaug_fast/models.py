@@ -98,9 +98,9 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu", arch: 
     if not p.is_file():
         raise SystemExit(f"--ckpt {path}: no such file")
     ck = _read(p)
-    settings, classes, source = {}, None, None
+    settings, classes, source, kind = {}, None, None, "a bare state_dict"
     if isinstance(ck, dict) and "model" in ck and _is_state_dict(ck["model"]):
-        sd = ck["model"]
+        sd, kind = ck["model"], "a trainer checkpoint" if ck.get("settings") else "a {'model': state_dict} file"
         settings = ck.get("settings") or {}
         classes = [str(c) for c in ck["classes"]] if ck.get("classes") else None
         source = settings.get("model_source")
@@ -135,7 +135,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu", arch: 
         what = (f"shape of {wrong[0]}: checkpoint {tuple(sd[wrong[0]].shape)}, model "
                 f"{tuple(model.state_dict()[wrong[0]].shape)}" if wrong else
                 f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-        raise SystemExit(f"--ckpt {path} does not fit {source} {arch} with {len(classes)} classes: {what}; "
+        raise SystemExit(f"--ckpt {path} ({kind}) does not fit {source} {arch} with {len(classes)} classes: {what}; "
                          "pass the architecture it was trained with as --arch")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     info = {"arch": arch, "source": source, "classes_known": known,
