@@ -58,6 +58,10 @@ def tree(tmp_path_factory):
     torch.manual_seed(0)
     vit = timm.create_model(VIT["arch"], num_classes=2, **VIT["model_kwargs"])
     torch.save({"model": vit.state_dict(), "settings": VIT, "classes": ["a", "b"]}, root / "vit.pt")
+    # the same model at 16 px crops: the DiffAug/denoised cases run the UNet 9-20 times per image
+    small = {**VIT, "model_kwargs": {"img_size": 16, "depth": 1}, "image_size": 16, "resize_size": 18}
+    vit16 = timm.create_model(VIT["arch"], num_classes=2, **small["model_kwargs"])
+    torch.save({"model": vit16.state_dict(), "settings": small, "classes": ["a", "b"]}, root / "vit16.pt")
     from conftest import oracle_model_and_diffusion, randomize_
 
     import diffaug_fast as df
@@ -118,7 +122,7 @@ def test_eval_top1_imagenet_c_and_ood(cli, tree, tmp_path, capsys):
 def test_eval_ood_with_diffaug_ensemble(cli, tree, tmp_path):
     ev, _ = cli
     out = tmp_path / "eval"
-    ev.main(["--ckpt", str(tree / "vit.pt"), "--ood-id", str(tree / "val"), "--ood", f"noise={tree / 'ood'}",
+    ev.main(["--ckpt", str(tree / "vit16.pt"), "--ood-id", str(tree / "val"), "--ood", f"noise={tree / 'ood'}",
              "--detectors", "msp,energy", "--de", "--unet", str(tree / "unet.pt"), "--batch-size", "8",
              "--loader", "torch", "--workers", "0", "--out", str(out)])
     ood = json.loads((out / "ood.json").read_text())["results"]
@@ -168,8 +172,8 @@ def test_eval_bad_input(cli, tree, tmp_path):
         ev.main(["--ckpt", ck, "--ood-id", str(tree / "val"), "--ood", f"n={tree / 'ood'}", "--detectors", "msp,nope"])
 
 
-def _certify(cp, tree, out, *extra):
-    return cp.main(["--ckpt", str(tree / "vit.pt"), "--data", str(tree / "val"), "--n0", "4", "--n", "16",
+def _certify(cp, tree, out, *extra, ckpt="vit.pt"):
+    return cp.main(["--ckpt", str(tree / ckpt), "--data", str(tree / "val"), "--n0", "4", "--n", "16",
                     "--skip", "2", "--batch-size", "16", "--loader", "torch", "--workers", "0", "--out", str(out), *extra])
 
 
@@ -200,7 +204,7 @@ def test_certify_table_and_resume(cli, tree, tmp_path):
 
 def test_certify_denoised(cli, tree, tmp_path, capsys):
     _, cp = cli
-    _certify(cp, tree, tmp_path / "c", "--sigma", "0.5", "--max", "1", "--unet", str(tree / "unet.pt"))
+    _certify(cp, tree, tmp_path / "c", "--sigma", "0.5", "--max", "1", "--unet", str(tree / "unet.pt"), ckpt="vit16.pt")
     assert len((tmp_path / "c" / "sigma_0.5.tsv").read_text().splitlines()) == 2
     assert "t* = 259" in capsys.readouterr().out
 
