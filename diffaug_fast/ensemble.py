@@ -16,7 +16,9 @@ from torch import nn
 from .augment import augment
 from .denoiser import Denoiser
 
-__all__ = ["DE_TIMESTEPS", "IMAGENET_MEAN", "IMAGENET_STD", "ensemble_probs", "evaluate", "subset_indices", "evaluate_folder", "evaluate_corruptions"]
+__all__ = ["DE_TIMESTEPS", "IMAGENET_MEAN", "IMAGENET_STD", "ensemble_probs", "evaluate", "subset_indices",
+           "evaluate_folder", "evaluate_corruptions", "val_batches", "CORRUPTIONS", "ALEXNET_ERR",
+           "summarize_corruptions"]
 
 DE_TIMESTEPS: tuple[int, ...] = tuple(range(0, 500, 50))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -109,7 +111,9 @@ def evaluate(
     return res
 
 
-def _val_batches(index, *, batch_size, backend, device, **geometry):
+def val_batches(index, *, batch_size, backend, device, **geometry):
+    """(images, labels) batches of ``index``: Resize + CenterCrop views, float NCHW on ``device``, normalized
+    with ``geometry``'s mean/std (ImageNet's by default; mean=(0,)*3, std=(1,)*3 gives [0, 1] images)."""
     from .data import build_loader
 
     loader = build_loader(index, "val", batch_size=batch_size, backend=backend, output="float", channels_last=True,
@@ -141,15 +145,19 @@ def evaluate_folder(
 
     index = scan_dataset(index_or_root, progress=False) if isinstance(index_or_root, (str, Path)) else index_or_root
     class_idx = subset_indices(index.classes, train_classes)
-    batches = _val_batches(index, batch_size=batch_size, backend=backend, device=torch.device(device), **geometry)
+    batches = val_batches(index, batch_size=batch_size, backend=backend, device=torch.device(device), **geometry)
+    norm = {k: geometry[k] for k in ("mean", "std") if k in geometry}  # the same normalization for DiffAug's views
     res = evaluate(model, batches, denoiser, timesteps=timesteps, class_idx=class_idx, seed=seed,
-                   autocast_dtype=autocast_dtype)
+                   autocast_dtype=autocast_dtype, **norm)
     res["classes"] = len(index.classes)
     return res
 
 
-def evaluate_corruptions(model: nn.Module, root, train_classes: Sequence[str], **kw) -> list[dict]:
-    """ImageNet-C layout ``root/<corruption>/<severity>/<class>/*``: one row per corruption and severity."""
+def evaluate_corruptions(model: nn.Module, root, train_classes: Sequence[str], on_row=None, **kw) -> list[dict]:
+    """ImageNet-C layout ``root/<corruption>/<severity>/<class>/*``: one row per corruption and severity.
+
+    on_row(row) is called as each (corruption, severity) finishes, so a caller can write it at once.
+    """
     root = Path(root)
     rows = []
     corruptions = sorted(p for p in root.iterdir() if p.is_dir())
@@ -162,4 +170,44 @@ def evaluate_corruptions(model: nn.Module, root, train_classes: Sequence[str], *
         for sdir in sev_dirs:
             res = evaluate_folder(model, sdir, train_classes, **kw)
             rows.append({"corruption": cdir.name, "severity": int(sdir.name), **res})
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
+
+
+# The 15 corruptions of Hendrycks & Dietterich (ICLR 2019) that ImageNet-C results average over; the four
+# "extra" ones (speckle_noise, gaussian_blur, spatter, saturate) and any other folder are reported apart.
+CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression")
+# AlexNet's top-1 error on each, averaged over severities 1-5: the published normalizers of the mean
+# Corruption Error (Hendrycks & Dietterich 2019, Table/appendix; hendrycks/robustness, ImageNet-C/test.py).
+ALEXNET_ERR: dict[str, float] = dict(zip(CORRUPTIONS, (
+    0.886428, 0.894468, 0.922640, 0.819880, 0.826268, 0.785948, 0.798360,
+    0.866816, 0.826572, 0.819324, 0.564592, 0.853204, 0.646056, 0.717840, 0.606500), strict=True))
+
+
+def summarize_corruptions(rows: Sequence[dict]) -> dict:
+    """The paper's ImageNet-C figures from ``evaluate_corruptions`` rows (top-1 in %).
+
+    Returns {"sev5", "all", "mce"} (and "sev5_de", "all_de", "mce_de" when the rows have DE), each over
+    the 15 standard corruptions only: severity-5 top-1 averaged over corruptions (the paper's headline),
+    the mean over all 15 x 5 cells, and mCE = mean over corruptions of sum_s err(c, s) / sum_s
+    err_AlexNet(c, s), in %. A figure whose cells are not all present is None and "missing" names what
+    is absent; "extra" lists the other corruption folders, which are never averaged in.
+    """
+    by = {(r["corruption"], int(r["severity"])): r for r in rows}
+    names = sorted({r["corruption"] for r in rows})
+    out = {"extra": [c for c in names if c not in CORRUPTIONS],
+           "missing": [f"{c}/{s}" for c in CORRUPTIONS for s in range(1, 6) if (c, s) not in by]}
+    has_de = any("top1_de" in r for r in rows)
+    for key, suffix in [("top1", "")] + ([("top1_de", "_de")] if has_de else []):
+        sev5 = [by[(c, 5)][key] for c in CORRUPTIONS if (c, 5) in by]
+        out["sev5" + suffix] = sum(sev5) / len(sev5) if len(sev5) == len(CORRUPTIONS) else None
+        full = [c for c in CORRUPTIONS if all((c, s) in by for s in range(1, 6))]
+        cells = [by[(c, s)][key] for c in full for s in range(1, 6)]
+        complete = len(full) == len(CORRUPTIONS)
+        out["all" + suffix] = sum(cells) / len(cells) if complete else None
+        ce = [sum(1 - by[(c, s)][key] / 100 for s in range(1, 6)) / (5 * ALEXNET_ERR[c]) for c in full]
+        out["mce" + suffix] = 100 * sum(ce) / len(ce) if complete else None
+    return out

@@ -116,12 +116,22 @@ class Schedule:
         return t
 
     def snr_timestep(self, sigma: float) -> int:
-        """t whose noise-to-signal ratio sqrt(1-abar)/sqrt(abar) is closest to 2*sigma.
+        """The FIRST t whose noise-to-signal ratio sqrt((1 - abar_t) / abar_t) is >= 2 * sigma.
 
-        Denoised smoothing with pixel noise sigma on [0, 1] images is noise 2*sigma on [-1, 1] images.
+        Denoised smoothing (Carlini et al. 2023) adds N(0, sigma^2) to [0, 1] images, i.e. noise 2 * sigma
+        on [-1, 1] images; scaled by sqrt(abar_t) it is a valid x_t only if the schedule's noise at t is at
+        least that. The nearest t could sit below it (linear-1000: t = 144 has ratio 0.4997 < 0.5), so a
+        certificate would assume more noise than the model was trained to remove. Linear 1000 steps:
+        145 / 259 / 396 for sigma = 0.25 / 0.5 / 1.0. ValueError if sigma <= 0 or above the last t's ratio.
         """
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"sigma must be a positive number, got {sigma}")
         ratio = np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
-        return int(np.argmin(np.abs(ratio - 2.0 * sigma)))
+        hits = np.nonzero(ratio >= 2.0 * sigma)[0]
+        if hits.size == 0:
+            raise ValueError(f"sigma = {sigma} needs noise ratio {2 * sigma:.4g}, beyond the schedule's largest "
+                             f"({ratio[-1]:.4g} at t = {self.num_steps - 1})")
+        return int(hits[0])
 
 
 def make_schedule(name: str = "linear", num_steps: int = 1000, rescale_timesteps: bool = False) -> Schedule:

@@ -72,8 +72,21 @@ def test_unknown_schedule():
         make_schedule("sigmoid", 1000)
 
 
-def test_snr_timestep():
-    s = make_schedule("linear", 1000)
-    t = s.snr_timestep(0.25)
+@pytest.mark.parametrize("name,steps", [("linear", 1000), ("cosine", 4000), ("cosine", 1000)])
+def test_snr_timestep_is_first_t_with_enough_noise(name, steps):
+    """t* for denoised smoothing: the first t whose sqrt((1-abar)/abar) >= 2 sigma, so x_t never carries less
+    noise than the certificate assumes (the nearest t, 144 on linear-1000 for sigma 0.25, would)."""
+    s = make_schedule(name, steps)
     ratio = np.sqrt((1 - s.alphas_cumprod) / s.alphas_cumprod)
-    assert abs(ratio[t] - 0.5) <= np.abs(ratio - 0.5).min() + 1e-12
+    for sigma in (0.12, 0.25, 0.5, 1.0):
+        t = s.snr_timestep(sigma)
+        assert ratio[t] >= 2 * sigma and (t == 0 or ratio[t - 1] < 2 * sigma)
+    with pytest.raises(ValueError, match="positive"):
+        s.snr_timestep(0.0)
+    with pytest.raises(ValueError, match="beyond"):
+        s.snr_timestep(1e6)
+
+
+def test_snr_timestep_published_values():
+    s = make_schedule("linear", 1000)  # Carlini et al. 2023 / the DiffAug paper: 145, 259, 396
+    assert [s.snr_timestep(v) for v in (0.25, 0.5, 1.0)] == [145, 259, 396]
