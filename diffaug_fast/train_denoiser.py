@@ -124,11 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = resolve_config(s.preset, s.config, s.image_size)
     out = check_out_path(s.out)
     w = init_distributed()
-    rank, world, device = w.rank, w.size, w.device
+    rank, world = w.rank, w.size
     if s.batch_size % world:
         raise SystemExit(f"--batch-size {s.batch_size} is not divisible by the {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)
-    index, train_index, held_index = split_data(s, progress=s.progress and rank == 0)
+    _, train_index, held_index = split_data(s, progress=s.progress and rank == 0)
     run_dir = Path(s.run_dir) if s.run_dir else out.with_suffix(".run")
     run = None
     if rank == 0:
@@ -136,6 +136,15 @@ def main(argv: list[str] | None = None) -> dict:
             run = open_run(run_dir, resume=s.resume, overwrite=s.overwrite)
         except RunError as e:
             raise SystemExit(str(e)) from None
+    try:
+        return _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say)
+    finally:
+        if run is not None:
+            run.close()  # frees the folder's lock also when training stops with an error
+
+
+def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> dict:
+    rank, world, device = w.rank, w.size, w.device
     barrier()
     log = JsonLog(run_dir / "log.jsonl" if rank == 0 else None)
     fingerprint = dataset_fingerprint(train_index, train_index.root)
@@ -295,7 +304,6 @@ def main(argv: list[str] | None = None) -> dict:
             f"{summary['images_per_s']:.1f} images/s")
         log.write(event="summary", **summary, psnr=rows)
         summary["psnr"] = rows
-        run.close()
     barrier()
     if world > 1:
         dist.destroy_process_group()
