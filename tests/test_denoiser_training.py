@@ -116,7 +116,8 @@ def tree(tmp_path_factory):
 def _argv(data, out, *extra):
     return ["--data", str(data), "--config", json.dumps(TINY), "--image-size", "16", "--steps", str(STEPS),
             "--batch-size", "4", "--lr", "2e-3", "--ema-rate", "0.9", "--held-out", "2", "--eval-every", "3",
-            "--log-every", "2", "--workers", "0", "--seed", "5", "--no-progress", "--out", str(out), *extra]
+            "--log-every", "2", "--workers", "0", "--seed", "5", "--no-progress", "--no-amp", "--out", str(out),
+            *extra]  # float32: the bf16 autocast a CPU with AMX would pick rounds differently per batch split
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +204,10 @@ def test_resume_mid_run_gives_identical_weights(full_run, tree, tmp_path):
 
 
 def test_two_processes_equal_one(full_run, tree, tmp_path):
-    """torchrun gloo x2 on the same global batch: same samples, t and noise; DDP's mean gradient differs from
-    one process's only by summation order, so the weights agree to float32 rounding, not bit for bit."""
+    """torchrun gloo x2 on the same global batch: the same samples, t and noise as one process; DDP's mean
+    gradient differs from one process's only by summation order. Adam's first steps move a weight by ~lr
+    whatever its gradient's size, so a near-zero gradient's rounding shows as up to ~lr in a few elements: the
+    check is that the two runs' difference is small against how far training moved the weights."""
     out, _ = full_run
     two = tmp_path / "model.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -214,9 +217,12 @@ def test_two_processes_equal_one(full_run, tree, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     a = torch.load(out.with_suffix(".run") / "last.pt", weights_only=True)
     b = torch.load(two.with_suffix(".run") / "last.pt", weights_only=True)
+    torch.manual_seed(5)
+    init = UNet(df.load_denoiser(out).config).state_dict()
     for part in ("model", "ema"):
-        for k in a[part]:
-            torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-4, atol=2e-5, msg=f"{part} {k}")
+        moved = sum((a[part][k] - init[k]).norm() ** 2 for k in init).sqrt()
+        diff = sum((a[part][k] - b[part][k]).norm() ** 2 for k in init).sqrt()
+        assert diff < 0.005 * moved, (part, diff.item(), moved.item())  # measured ~8e-4 relative
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
