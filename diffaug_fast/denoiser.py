@@ -8,6 +8,7 @@ cache, not twice its size in private memory.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import time
@@ -22,7 +23,8 @@ from torch import nn
 from .schedule import Schedule
 from .unet import PRESETS, UNet, UNetConfig, get_preset
 
-__all__ = ["Denoiser", "load_denoiser", "CheckpointError", "infer_config", "read_state_dict"]
+__all__ = ["Denoiser", "load_denoiser", "CheckpointError", "infer_config", "read_state_dict", "read_sidecar",
+           "sidecar_path"]
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -86,6 +88,36 @@ def _as_state_dict(obj, where: str) -> dict[str, torch.Tensor]:
             f"first keys: {list(sd)[:5]}"
         )
     return sd
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sidecar our own trainer writes (diffaug_fast.train_denoiser): architecture and schedule, no guessing
+
+SIDECAR_FORMAT = "diffaug-fast-denoiser/1"
+
+
+def sidecar_path(checkpoint: str | os.PathLike) -> Path:
+    """``model.json`` beside ``model.pt`` / ``model.safetensors``."""
+    return Path(checkpoint).with_suffix(".json")
+
+
+def read_sidecar(checkpoint: str | os.PathLike) -> tuple[UNetConfig, Schedule, dict] | None:
+    """(UNetConfig, Schedule, the whole sidecar) from the JSON beside a checkpoint we trained, else None."""
+    path = sidecar_path(checkpoint)
+    if not path.is_file():
+        return None
+    try:
+        side = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable denoiser sidecar ({e})") from None
+    if not isinstance(side, dict) or side.get("format") != SIDECAR_FORMAT:
+        return None  # some other JSON that happens to share the name
+    try:
+        raw = {k: tuple(v) if isinstance(v, list) else v for k, v in side["unet_config"].items()}
+        s = side["schedule"]
+        return UNetConfig(**raw), Schedule(s["name"], int(s["num_steps"]), bool(s["rescale_timesteps"])), side
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged denoiser sidecar ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,7 +502,9 @@ def load_denoiser(
     """Load an OpenAI ADM checkpoint (guided-diffusion or improved-diffusion) into our UNet.
 
     checkpoint: path to a .pt/.pth state_dict (read with weights_only=True) or .safetensors, or a state_dict.
-    preset: a name from ``PRESETS``, a ``UNetConfig``, or None to infer the architecture from the weights.
+    preset: a name from ``PRESETS``, a ``UNetConfig``, or None: the architecture and schedule of the JSON
+        sidecar beside a checkpoint trained by ``python -m diffaug_fast.train_denoiser``, else inferred from
+        the weights.
     dtype: float32, or float16/bfloat16 for the block convolutions (GroupNorm, the timestep MLP and the
     output layer stay float32, as guided-diffusion's fp16 mode does).
     schedule: override the preset's noise schedule / timestep convention.
@@ -487,13 +521,20 @@ def load_denoiser(
     else:
         raise TypeError(f"checkpoint must be a path or a state_dict, got {type(checkpoint).__name__}")
 
-    if preset is None:
+    side = read_sidecar(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) and preset is None else None
+    if side is not None:
+        config, sched, _ = side
+        name = Path(checkpoint).stem
+        schedule = schedule or sched
+    elif preset is None:
         config, name = infer_config(sd)
     elif isinstance(preset, UNetConfig):
         config, name = preset, "custom"
     else:
         config, name = get_preset(preset), preset
-    check_state_dict(sd, config, f"preset {name!r}" if name != "custom" else "the given UNetConfig")
+    what = ("the architecture in " + str(sidecar_path(checkpoint)) if side is not None else
+            f"preset {name!r}" if name != "custom" else "the given UNetConfig")
+    check_state_dict(sd, config, what)
     check_finite_weights(sd, where)
 
     with torch.device("meta"):

@@ -5,6 +5,7 @@ Layout (what ``--data`` expects of real data too)::
     root/train/<class>/*.jpg
     root/val/<class>/*.jpg
     root/val-c/<corruption>/<severity>/<class>/*.jpg   (an ImageNet-C style corrupted copy of val)
+    root/ood/<shape>/*.jpg                              (a fifth shape never trained on: out-of-distribution)
 
 Created once in a cache folder (``$DIFFAUG_CACHE``, else ``$XDG_CACHE_HOME/diffaug_fast``, else
 ``~/.cache/diffaug_fast``), built in a temporary folder and renamed, so an interrupted build never
@@ -21,11 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["CLASSES", "CORRUPTIONS", "cache_dir", "make_synthetic_dataset", "corrupt"]
+__all__ = ["CLASSES", "OOD_CLASSES", "CORRUPTIONS", "cache_dir", "make_synthetic_dataset", "corrupt"]
 
 CLASSES = ("circles", "squares", "stripes", "triangles")
+OOD_CLASSES = ("crosses",)  # drawn like the others (same colours, noise, sizes), a shape the classifier never sees
 CORRUPTIONS = ("gaussian_noise", "blur", "contrast")
-_VERSION = "v1"
+# v2: val grown from 12 to 100 per class (a top-1 difference of a few points is readable on 400 images), ood/ added
+_VERSION = "v2"
 
 
 def cache_dir() -> Path:
@@ -49,6 +52,10 @@ def _draw(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
             d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
         elif cls == "triangles":
             d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+        elif cls == "crosses":
+            a = r / 3
+            d.rectangle([cx - r, cy - a, cx + r, cy + a], fill=color)
+            d.rectangle([cx - a, cy - r, cx + a, cy + r], fill=color)
         else:  # stripes across the whole image
             w = max(2, int(size / rng.uniform(8, 14)))
             for x in range(int(rng.integers(0, w)), size, 2 * w):
@@ -78,13 +85,19 @@ def make_synthetic_dataset(
     root: str | Path | None = None,
     *,
     train_per_class: int = 40,
-    val_per_class: int = 12,
+    val_per_class: int = 100,
+    ood_per_class: int = 100,
     size: int = 64,
     severities: tuple[int, ...] = (3,),
     seed: int = 0,
 ) -> Path:
-    """Create the dataset (once) and return its root. An existing complete dataset is reused."""
-    name = f"synthetic-{_VERSION}-{size}px-{train_per_class}x{val_per_class}-s{''.join(map(str, severities))}-{seed}"
+    """Create the dataset (once) and return its root. An existing complete dataset is reused.
+
+    train/val/val-c come from one random stream seeded by ``seed``, ood/ from its own, so adding it changed no
+    other image.
+    """
+    name = (f"synthetic-{_VERSION}-{size}px-{train_per_class}x{val_per_class}x{ood_per_class}"
+            f"-s{''.join(map(str, severities))}-{seed}")
     root = Path(root) if root is not None else cache_dir() / name
     if (root / "COMPLETE").exists():
         return root
@@ -105,6 +118,12 @@ def make_synthetic_dataset(
                                 out = tmp / "val-c" / kind / str(sev) / cls
                                 out.mkdir(parents=True, exist_ok=True)
                                 corrupt(im, kind, sev, rng).save(out / f"{cls}_{i:04d}.jpg", quality=92)
+        ood_rng = np.random.default_rng([seed, 1])
+        for cls in OOD_CLASSES if ood_per_class else ():
+            folder = tmp / "ood" / cls
+            folder.mkdir(parents=True)
+            for i in range(ood_per_class):
+                _draw(cls, size, ood_rng).save(folder / f"{cls}_{i:04d}.jpg", quality=92)
         (tmp / "COMPLETE").write_text("ok\n")
         if root.exists():  # an older incomplete attempt
             shutil.rmtree(root)

@@ -1,0 +1,267 @@
+"""Train our own ADM denoiser (improved-diffusion's objective) on an ImageFolder tree; the demo's denoiser.
+
+    python -m diffaug_fast.train_denoiser --data DIR --preset adm-tiny --image-size 64 --steps 20000 \
+        --batch-size 64 --lr 1e-4 --out den/model.pt
+    torchrun --nproc-per-node 8 -m diffaug_fast.train_denoiser ...
+
+Outputs: ``--out`` (the EMA weights as a plain OpenAI-format state_dict, which guided-diffusion's UNetModel
+loads strictly), the same tensors as ``.safetensors``, and a JSON sidecar (``model.json`` beside
+``model.pt``) with the UNetConfig, the schedule, the image size, steps, seed, data fingerprint and the
+command; ``load_denoiser(path)`` reads the architecture and schedule from it. The run folder (``--run-dir``,
+default ``<out without suffix>.run/``) holds last.pt/prev.pt (raw + EMA weights, optimizer, step),
+log.jsonl and the PNG grid of one-step denoising.
+
+Randomness: the crop/flip of a sample comes from (seed, epoch, dataset index) (the data plan), its t and
+noise from (seed, step, dataset index); so a resumed run replays the same steps bit for bit, and N processes
+see the same global batch, t and noise as one (DDP averages the same gradient up to summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from .denoiser import SIDECAR_FORMAT, read_sidecar, sidecar_path
+from .diffusion_loss import PSNR_TS, LossTables, format_psnr_table, hybrid_loss, one_step, psnr_table
+from .io import atomic_save, atomic_write_bytes
+from .schedule import Schedule
+from .unet import UNet, UNetConfig, get_preset
+
+__all__ = ["DenoiserSettings", "resolve_config", "export_checkpoint", "read_sidecar", "sidecar_path",
+           "sample_t_noise", "ema_update", "quarter_means", "ModelFn", "check_out_path", "save_grid_png",
+           "DEMO_CONFIG", "demo_denoiser", "demo_psnr_report", "psnr_table", "format_psnr_table", "PSNR_TS",
+           "hybrid_loss", "LossTables"]
+
+GRID_TS = (50, 100, 250, 500, 750, 999)
+
+
+@dataclass
+class DenoiserSettings:
+    data: str | None = None  # ImageFolder root (one folder per class; classes are ignored)
+    out: str | None = None  # checkpoint path (.pt); .safetensors and .json are written beside it
+    preset: str | None = None  # a UNet preset name (diffaug_fast.unet.PRESETS)
+    config: str | None = None  # JSON file or inline JSON of UNetConfig fields (over the preset, if both)
+    image_size: int = 64
+    steps: int = 10000
+    batch_size: int = 64  # global, over all processes
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # improved-diffusion's default
+    ema_rate: float = 0.9999
+    grad_clip: float = 1.0
+    amp: bool = True  # fp16 + GradScaler on GPU, bf16 on a CPU with native bf16, else float32
+    seed: int = 0
+    val: str | None = None  # held-out images from this tree; default: --held-out images taken out of --data
+    held_out: int = 8
+    eval_every: int = 500  # one-step PSNR by t on the held-out images
+    log_every: int = 50
+    save_every: int = 1000
+    run_dir: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    loader: str = "auto"
+    workers: int = 2
+    stop_after_steps: int | None = None  # interrupt ourselves after this many steps (tests the resume path)
+    progress: bool = True
+
+
+# The demo's denoiser: our guided family (resblock up/down, scale-shift norm), learned sigma, linear 1000 steps
+# (t over 0..999, DiffAug's range), no attention, 0.94 M parameters; the issue measured a 0.8 M UNet of this
+# family denoising held-out demo images by +7 to +10 dB at t = 50..250 after 87 steps (~2.5 min, 2 busy cores).
+DEMO_CONFIG = UNetConfig(model_channels=32, num_res_blocks=1, channel_mult=(1, 1, 2), attention_ds=(),
+                         resblock_updown=True, image_size=48, family="guided-diffusion")
+
+
+def _fail(msg: str):
+    raise SystemExit(msg)
+
+
+def resolve_config(preset: str | None, config: str | None, image_size: int) -> UNetConfig:
+    """The UNetConfig from a preset and/or JSON fields; exits with one line on bad input."""
+    if preset is None and config is None:
+        _fail("give the architecture: --preset NAME or --config JSON (UNetConfig fields)")
+    try:
+        base = get_preset(preset) if preset else None
+    except ValueError as e:
+        _fail(f"--preset: {e}")
+    extra: dict = {}
+    if config:
+        text = Path(config).read_text() if Path(config).is_file() else config
+        try:
+            extra = json.loads(text)
+        except json.JSONDecodeError as e:
+            _fail(f"--config {config!r}: neither a JSON file nor valid JSON ({e.msg} at char {e.pos})")
+        if not isinstance(extra, dict):
+            _fail(f"--config: expected a JSON object of UNetConfig fields, got {type(extra).__name__}")
+        known = {f.name for f in fields(UNetConfig)}
+        if unknown := sorted(set(extra) - known):
+            _fail(f"--config: unknown UNetConfig fields {unknown}; known: {sorted(known)}")
+        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}
+    try:
+        cfg = replace(base, **extra) if base else UNetConfig(**extra)
+        cfg = replace(cfg, image_size=image_size)
+        cfg.schedule()
+        with torch.device("meta"):
+            UNet(cfg)
+    except (TypeError, ValueError) as e:
+        _fail(f"invalid UNet config: {e}")
+    if image_size < cfg.total_downsampling or image_size % cfg.total_downsampling:
+        _fail(f"--image-size {image_size}: this UNet downsamples by {cfg.total_downsampling} "
+              f"({len(cfg.channel_mult)} levels), so the size must be a multiple of {cfg.total_downsampling}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- step parts
+
+
+def sample_t_noise(seed: int, step: int, ids: torch.Tensor, shape: tuple[int, ...], num_steps: int):
+    """Uniform t int64 [B] and noise float32 [B, *shape] (CPU), sample i drawn from (seed, step, ids[i])."""
+    ts, noise = torch.empty(len(ids), dtype=torch.long), torch.empty(len(ids), *shape)
+    g = torch.Generator()
+    for i, k in enumerate(ids.tolist()):
+        g.manual_seed(((seed * 1_000_003 + step) * 1_000_003 + int(k)) % 2**63)
+        ts[i] = torch.randint(num_steps, (1,), generator=g)
+        noise[i] = torch.randn(shape, generator=g)
+    return ts, noise
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> None:
+    """ema <- rate * ema + (1 - rate) * model, parameter by parameter."""
+    e = list(ema.parameters())
+    torch._foreach_lerp_(e, [p.detach() for p in model.parameters()], 1.0 - rate)
+
+
+def quarter_means(t: torch.Tensor, values: torch.Tensor, num_steps: int) -> dict[str, tuple[float, int]]:
+    """{"q0".."q3": (sum, count)} of ``values`` by quarter of t, improved-diffusion's loss_q0..q3."""
+    q = (4 * t // num_steps).clamp(max=3)
+    return {f"q{i}": (values[q == i].sum().item(), int((q == i).sum())) for i in range(4)}
+
+
+class ModelFn:
+    """A bare UNet called like a Denoiser (integer t in, the schedule's timestep convention applied)."""
+
+    def __init__(self, unet: UNet, schedule: Schedule):
+        self.unet, self.schedule = unet, schedule
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, self.schedule.model_timesteps(t))
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+
+
+def export_checkpoint(state_dict: dict, config: UNetConfig, out: str | os.PathLike, meta: dict) -> Path:
+    """Write ``out`` (.pt state_dict), its .safetensors twin and the JSON sidecar, each atomically.
+
+    The sidecar is written last: a reader that finds it finds complete weights.
+    """
+    from safetensors.torch import save as st_save
+
+    out = Path(out)
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    atomic_save(sd, out)
+    atomic_write_bytes(st_save(sd), out.with_suffix(".safetensors"))
+    sched = config.schedule()
+    side = {"format": SIDECAR_FORMAT, "unet_config": config.to_dict(),
+            "schedule": {"name": sched.name, "num_steps": sched.num_steps, "rescale_timesteps": sched.rescale_timesteps},
+            "image_size": config.image_size, **meta}
+    atomic_write_bytes((json.dumps(side, indent=1, default=str) + "\n").encode(), sidecar_path(out))
+    return out
+
+
+def check_out_path(out: str | None) -> Path:
+    if not out:
+        _fail("--out CKPT is required (where the trained weights go, e.g. den/model.pt)")
+    out = Path(out)
+    if out.suffix not in (".pt", ".pth"):
+        _fail(f"--out {out}: name a .pt file (the .safetensors and .json are written beside it)")
+    parent = out.parent
+    if not parent.exists():
+        _fail(f"--out {out}: the folder {parent} does not exist; create it first")
+    if not parent.is_dir():
+        _fail(f"--out {out}: {parent} is not a folder")
+    try:  # os.access says yes to root on a read-only mount: try a real file
+        probe = parent / f".{out.name}.{os.getpid()}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        _fail(f"--out {out}: cannot write in {parent} ({e.strerror}); choose a writable folder")
+    return out
+
+
+def save_grid_png(model_fn, schedule: Schedule, images: torch.Tensor, path: Path, seed: int, title: str) -> Path:
+    """PNG grid: clean, then (x_t, one-step x0) pairs at GRID_TS; one row per held-out image."""
+    from .viz import save_grid
+
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(images.device)
+    cols, labels = [images], ["clean"]
+    for t in GRID_TS:
+        noisy, x0_hat = one_step(model_fn, schedule, images, t, noise)
+        cols += [noisy, x0_hat]
+        labels += [f"x_t/sqrt(ab) t={t}", f"x0 t={t}"]
+    unit = [(c.float().clamp(-1, 1) + 1) / 2 for c in cols]
+    return save_grid(unit, path, col_labels=labels, title=title)
+
+
+# ---------------------------------------------------------------------------------------------------- the demo
+
+
+def demo_denoiser(data_root: str | os.PathLike, *, steps: int = 120, say=print) -> Path:
+    """The embedded demo's denoiser: trained once on ``data_root/train`` and cached beside the dataset.
+
+    Returns the checkpoint path (``<data_root>.denoiser/model.pt`` with its .safetensors and .json). Trained
+    with a fixed seed; the exact command is recorded in the sidecar. Built in a temporary folder that is
+    renamed at the end, so a killed first run never leaves a half checkpoint behind.
+    """
+    import shutil
+    import tempfile
+
+    from .train_denoiser import main
+
+    data_root = Path(data_root)
+    final = data_root.parent / f"{data_root.name}.denoiser-{steps}"
+    ckpt = final / "model.pt"
+    if sidecar_path(ckpt).is_file():
+        return ckpt
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
+    argv = ["--data", str(data_root / "train"), "--val", str(data_root / "val"),
+            "--config", json.dumps({k: getattr(DEMO_CONFIG, k) for k in (
+                "model_channels", "num_res_blocks", "channel_mult", "attention_ds", "resblock_updown")}),
+            "--image-size", str(DEMO_CONFIG.image_size), "--steps", str(steps), "--batch-size", "32",
+            "--lr", "2e-3", "--ema-rate", "0.95", "--seed", "0", "--eval-every", str(steps), "--log-every", "10",
+            "--workers", "0", "--out", str(tmp / "model.pt")]
+    say(f"training the demo's denoiser once ({steps} steps; cached in {final}): python -m "
+        f"diffaug_fast.train_denoiser {' '.join(argv)}")
+    start = time.perf_counter()
+    try:
+        main(argv)
+        if final.exists():  # an older, incomplete attempt
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    say(f"demo denoiser trained in {time.perf_counter() - start:.0f} s: {ckpt}")
+    return ckpt
+
+
+def demo_psnr_report(ckpt: str | os.PathLike, data_root: str | os.PathLike, n: int = 64, say=print) -> list[dict]:
+    """The demo's printed denoiser table: one-step PSNR by t on ``n`` val images of the demo data."""
+    from .data import build_loader, scan_dataset
+    from .denoiser import load_denoiser
+
+    den = load_denoiser(ckpt)
+    index = scan_dataset(Path(data_root) / "val", progress=False)
+    size = den.config.image_size
+    sub = index.subset(range(0, len(index), max(1, len(index) // n)))
+    loader = build_loader(sub, "val", batch_size=len(sub), backend="torch", output="float", mean=(0.5,) * 3,
+                          std=(0.5,) * 3, channels_last=False, num_workers=0, crop_size=size, resize_size=size)
+    images = next(iter(loader))["image"]
+    rows = psnr_table(den, images, ts=(50, 100, 250, 500, 750), seed=0)
+    say(format_psnr_table(rows, f"denoiser {ckpt} on {len(images)} val images: one-step PSNR (dB)"))
+    return rows

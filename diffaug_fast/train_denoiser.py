@@ -1,0 +1,314 @@
+"""python -m diffaug_fast.train_denoiser: train an ADM denoiser on an ImageFolder tree (see denoiser_training).
+
+    python -m diffaug_fast.train_denoiser --data DIR --preset NAME|--config JSON --image-size S --steps N \
+        --batch-size B --lr LR --out CKPT [--resume | --overwrite] [--ema-rate R] [--val DIR]
+
+Checkpoints (raw + EMA weights, optimizer, scaler, step) go to the run folder every --save-every steps, at
+the end and on SIGTERM/SIGINT; --resume continues bit-identically. The EMA weights are exported to CKPT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .bank import dataset_fingerprint
+from .data import build_loader, scan_dataset
+from .denoiser_training import (
+    PSNR_TS,
+    DenoiserSettings,
+    LossTables,
+    ModelFn,
+    check_out_path,
+    ema_update,
+    export_checkpoint,
+    format_psnr_table,
+    hybrid_loss,
+    psnr_table,
+    quarter_means,
+    resolve_config,
+    sample_t_noise,
+    save_grid_png,
+)
+from .distributed import any_rank, barrier, init_distributed
+from .hardware import fast_half_dtype
+from .runs import JsonLog, RunError, open_run
+from .unet import UNet, count_parameters
+
+HALF = (0.5, 0.5, 0.5)  # the loader's (x/255 - mean)/std with these gives [-1, 1], the diffusion data range
+
+
+def parse_args(argv: list[str] | None) -> DenoiserSettings:
+    p = argparse.ArgumentParser(prog="python -m diffaug_fast.train_denoiser", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(DenoiserSettings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+            p.add_argument(flag, type=kind, default=None)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return DenoiserSettings(**given)
+
+
+def _check_numbers(s: DenoiserSettings) -> None:
+    checks = [(s.steps >= 1, "--steps must be >= 1"), (s.batch_size >= 1, "--batch-size must be >= 1"),
+              (s.lr > 0, "--lr must be > 0"), (0.0 <= s.ema_rate < 1.0, "--ema-rate must lie in [0, 1)"),
+              (s.grad_clip > 0, "--grad-clip must be > 0"), (s.held_out >= 1, "--held-out must be >= 1"),
+              (min(s.eval_every, s.log_every, s.save_every) >= 1, "--eval-every/--log-every/--save-every must be >= 1")]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(msg)
+
+
+def _scan(path: str, flag: str, progress: bool):
+    root = Path(path)
+    if not root.is_dir():
+        raise SystemExit(f"{flag} {root}: no such folder")
+    try:
+        return scan_dataset(root, progress=progress)
+    except ValueError as e:
+        raise SystemExit(f"{flag} {root}: {str(e).splitlines()[0].replace(str(root.resolve()), '').strip(': ')}"
+                         " (expected an ImageFolder tree: one sub-folder per class holding the images)") from None
+
+
+def split_data(s: DenoiserSettings, progress: bool):
+    """(train index, held-out index): --val's first images, else --held-out images taken out of --data."""
+    index = _scan(s.data, "--data", progress)
+    if s.val:
+        val = _scan(s.val, "--val", progress)
+        held = val.subset(np.random.default_rng(s.seed).permutation(len(val))[: s.held_out].tolist())
+        train = index
+    else:
+        if len(index) <= s.held_out:
+            raise SystemExit(f"--data {s.data}: {len(index)} images, not enough to hold out --held-out {s.held_out}")
+        perm = np.random.default_rng(s.seed).permutation(len(index))
+        held, train = index.subset(sorted(perm[: s.held_out].tolist())), index.subset(sorted(perm[s.held_out:].tolist()))
+    if len(train) < s.batch_size:
+        raise SystemExit(f"--data {s.data}: {len(train)} training images, fewer than --batch-size {s.batch_size}")
+    return index, train, held
+
+
+def load_images(index, size: int) -> torch.Tensor:
+    """float32 [N, 3, size, size] in [-1, 1]: Resize(size) + CenterCrop(size) of every image in ``index``."""
+    loader = build_loader(index, "val", batch_size=len(index), backend="torch", output="float", mean=HALF, std=HALF,
+                          channels_last=False, num_workers=0, crop_size=size, resize_size=size)
+    return next(iter(loader))["image"].float()
+
+
+def _resume_mismatch(ck: dict, ident: dict) -> list[str]:
+    have = ck.get("identity", {})
+    return [f"{k}: checkpoint {have.get(k)!r} vs now {v!r}" for k, v in ident.items() if have.get(k) != v]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    s = parse_args(argv)
+    if not s.data:
+        raise SystemExit("--data DIR is required (an ImageFolder tree of training images)")
+    _check_numbers(s)
+    cfg = resolve_config(s.preset, s.config, s.image_size)
+    out = check_out_path(s.out)
+    w = init_distributed()
+    rank, world = w.rank, w.size
+    if s.batch_size % world:
+        raise SystemExit(f"--batch-size {s.batch_size} is not divisible by the {world} processes")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    _, train_index, held_index = split_data(s, progress=s.progress and rank == 0)
+    run_dir = Path(s.run_dir) if s.run_dir else out.with_suffix(".run")
+    run = None
+    if rank == 0:
+        try:
+            run = open_run(run_dir, resume=s.resume, overwrite=s.overwrite)
+        except RunError as e:
+            raise SystemExit(str(e)) from None
+    try:
+        return _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say)
+    finally:
+        if run is not None:
+            run.close()  # frees the folder's lock also when training stops with an error
+
+
+def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> dict:
+    rank, world, device = w.rank, w.size, w.device
+    barrier()
+    log = JsonLog(run_dir / "log.jsonl" if rank == 0 else None)
+    fingerprint = dataset_fingerprint(train_index, train_index.root)
+    # what a resumed run must share with the checkpoint it continues
+    identity = json.loads(json.dumps({"unet_config": cfg.to_dict(), "batch_size": s.batch_size, "seed": s.seed,
+                                      "image_size": s.image_size, "data_fingerprint": fingerprint}))
+
+    torch.manual_seed(s.seed)
+    model = UNet(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    amp_dtype = fast_half_dtype(device) if s.amp else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    schedule, tables = cfg.schedule(), LossTables(cfg.schedule())
+    T = schedule.num_steps
+
+    step = 0
+    if s.resume:
+        ck, path = (run.load_checkpoint(say=say) if run else (torch.load(run_dir / "last.pt", weights_only=True), None))
+        if bad := _resume_mismatch(ck, identity):
+            raise SystemExit(f"--resume: {run_dir} holds a run of another configuration ({'; '.join(bad)}); "
+                             "use the original flags, or --overwrite to start afresh")
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        step = int(ck["step"])
+        say(f"resumed from {path or run_dir}: step {step} of {s.steps}")
+
+    per_rank = s.batch_size // world
+    loader = build_loader(train_index, "train", batch_size=per_rank, backend=s.loader, output="float", mean=HALF,
+                          std=HALF, channels_last=False, shard_id=rank, num_shards=world, seed=s.seed,
+                          num_workers=s.workers, device=device if device.type == "cuda" else None,
+                          crop_size=s.image_size, resize_size=s.image_size)
+    spe = len(loader)
+    epoch = step // spe
+    if step % spe:
+        loader.load_state_dict({"epoch": epoch, "position": step % spe})
+    held = load_images(held_index, s.image_size).to(device) if rank == 0 else None
+    log.write(event="settings", **dataclasses.asdict(s), command=argv, world_size=world, device=str(device),
+              amp_dtype=str(amp_dtype), unet_config=cfg.to_dict(), parameters=count_parameters(model),
+              train_images=len(train_index), held_out_images=len(held_index), data_fingerprint=fingerprint,
+              resumed_at=step if s.resume else None, loader_backend=loader.backend)
+    say(f"training a {count_parameters(model) / 1e6:.2f} M-parameter UNet ({'learned' if cfg.learn_sigma else 'fixed'} "
+        f"sigma, {schedule.name} {T} steps) at {s.image_size} px on {len(train_index)} images, "
+        f"{world} process(es) on {device}, {'float32' if amp_dtype is None else amp_dtype}; run folder {run_dir}")
+
+    def evaluate(at: int) -> list[dict]:
+        rows = {}
+        for name, m in (("ema", ema), ("raw", model)):
+            m.eval()
+            rows[name] = psnr_table(ModelFn(m, schedule), held, ts=PSNR_TS, seed=s.seed)
+            m.train()
+        log.write(event="psnr", step=at, held_out=len(held), ema=rows["ema"], raw=rows["raw"])
+        return rows["ema"]
+
+    def save(at: int) -> None:
+        if rank == 0:
+            run.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                                 "scaler": scaler.state_dict(), "step": at, "identity": identity})
+        barrier()
+
+    stop = {"signal": None}
+    old = {sig: signal.signal(sig, lambda n, f: stop.update(signal=n)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    bar = tqdm(total=s.steps, initial=step, unit="step", disable=not (s.progress and rank == 0), dynamic_ncols=True)
+    window: dict = {"n": 0, "loss": 0.0, "mse": 0.0, "vb": 0.0, **{f"q{i}": [0.0, 0] for i in range(4)}}
+    timed, timed_s, t_start = 0, 0.0, time.perf_counter()
+    try:
+        while step < s.steps:
+            loader.set_epoch(epoch)
+            for batch in loader:
+                t0 = time.perf_counter()
+                x0 = batch["clean"].float()
+                t, noise = sample_t_noise(s.seed, step, batch["index"].cpu(), tuple(x0.shape[1:]), T)
+                t, noise = t.to(device), noise.to(device)
+                torch.manual_seed((s.seed * 1_000_003 + step) * 4099 + rank)  # dropout, if the config has any
+                x_t = tables("sqrt_abar", t) * x0 + tables("sqrt_1m_abar", t) * noise
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    model_out = net(x_t, schedule.model_timesteps(t))
+                terms = hybrid_loss(model_out.float(), x0, x_t, noise, t, tables)
+                loss = terms["loss"].mean()
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                ema_update(ema, model, s.ema_rate)
+                loss_val = loss.item()
+                if not math.isfinite(loss_val):
+                    raise SystemExit(f"loss is {loss_val} at step {step}: lower --lr or check the data")
+                step += 1
+                dt = time.perf_counter() - t0
+                if step > 2:  # allocator / first-call warm-up excluded
+                    timed, timed_s = timed + 1, timed_s + dt
+                window["n"] += len(t)
+                for k in ("loss", "mse", "vb"):
+                    window[k] += terms[k].sum().item() if k in terms else 0.0
+                for q, (tot, cnt) in quarter_means(t, terms["loss"].detach(), T).items():
+                    window[q][0] += tot
+                    window[q][1] += cnt
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.4f}")
+                if step % s.log_every == 0 or step == s.steps:
+                    n = window.pop("n")
+                    rec = {k: v / n for k, v in window.items() if not k.startswith("q")}
+                    rec |= {f"loss_q{i}": (window[f"q{i}"][0] / window[f"q{i}"][1] if window[f"q{i}"][1] else None)
+                            for i in range(4)}
+                    steps_s = timed / timed_s if timed_s else float("nan")
+                    log.write(event="step", step=step, grad_norm=float(grad_norm), steps_per_s=steps_s,
+                              images_per_s=steps_s * s.batch_size, **rec)
+                    window = {"n": 0, "loss": 0.0, "mse": 0.0, "vb": 0.0, **{f"q{i}": [0.0, 0] for i in range(4)}}
+                if rank == 0 and (step % s.eval_every == 0 or step == s.steps):
+                    rows = evaluate(step)
+                    bar.write(f"step {step}: EMA one-step PSNR gain " + ", ".join(
+                        f"t={r['t']} {r['gain']:+.1f} dB" for r in rows))
+                if s.stop_after_steps is not None and step == s.stop_after_steps:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                stopping = any_rank(stop["signal"] is not None, device)
+                if stopping:
+                    save(step)
+                    bar.close()
+                    say(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
+                    log.write(event="interrupted", step=step)
+                    if world > 1:
+                        dist.destroy_process_group()
+                    sys.exit(128 + (stop["signal"] or signal.SIGTERM))
+                if step % s.save_every == 0 and step < s.steps:
+                    save(step)
+                if step >= s.steps:
+                    break
+            else:
+                epoch += 1
+                continue
+            break
+    finally:
+        bar.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    save(step)
+    summary = {"steps": step, "steps_per_s": timed / timed_s if timed_s else float("nan"),
+               "train_seconds": time.perf_counter() - t_start, "run_dir": str(run_dir), "out": str(out)}
+    summary["images_per_s"] = summary["steps_per_s"] * s.batch_size
+    if rank == 0:
+        ema.eval()
+        rows = psnr_table(ModelFn(ema, schedule), held, ts=PSNR_TS, seed=s.seed)
+        say(format_psnr_table(rows, f"EMA weights, {len(held)} held-out images: one-step PSNR (dB)"))
+        meta = {"steps": step, "seed": s.seed, "batch_size": s.batch_size, "lr": s.lr, "ema_rate": s.ema_rate,
+                "weights": "ema", "data": str(Path(s.data).resolve()), "data_fingerprint": fingerprint,
+                "train_images": len(train_index), "command": ["python", "-m", "diffaug_fast.train_denoiser", *argv],
+                "held_out_psnr": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        export_checkpoint(ema.state_dict(), cfg, out, meta)
+        grid = save_grid_png(ModelFn(ema, schedule), schedule, held[:6], run_dir / "denoising.png", s.seed,
+                             f"one-step denoising, EMA weights after {step} steps")
+        say(f"wrote {out} (+ .safetensors, .json) and {grid}; {summary['steps_per_s']:.2f} steps/s, "
+            f"{summary['images_per_s']:.1f} images/s")
+        log.write(event="summary", **summary, psnr=rows)
+        summary["psnr"] = rows
+    barrier()
+    if world > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
