@@ -3,7 +3,9 @@
 Contenders, same worker count (DALI CPU threads = DataLoader worker processes), same batch size, uint8 out:
 - reference: torchvision ImageFolder + DataLoader, PIL decode once, torchvision transforms for both views;
 - torch: our fallback backend (same plan and boxes as DALI, PIL box resampling);
-- dali: our DALI backend (CPU decode on this machine: device None; "mixed" GPU decode where there is one).
+- dali: our DALI backend, CPU decode (device None);
+- dali-mixed (only where a GPU exists): the same pipeline with device="cuda": "mixed" decoding (nvJPEG or
+  the hardware decoder) and GPU resizes, batches on the GPU (timed until they are there).
 Each timed round is one full epoch, start-up included (what a training epoch pays).
 
     python -m pytest bench/bench_loader.py --benchmark-only -s    # BENCH_LOADER_IMAGES, BENCH_LOADER_WORKERS
@@ -94,15 +96,27 @@ def test_reference_torchvision(benchmark, tree):
     _run(benchmark, "torchvision", lambda: iter(dl))
 
 
-@pytest.mark.parametrize("backend", available_backends()[::-1])
+GPU_CASES = ["dali-mixed"] if torch.cuda.is_available() and "dali" in available_backends() else []
+
+
+@pytest.mark.parametrize("backend", available_backends()[::-1] + GPU_CASES)
 def test_ours(benchmark, tree, backend):
     index = scan_dataset(tree, cache=False, progress=False)
-    loader = build_loader(index, "train", batch_size=BATCH, backend=backend, num_workers=WORKERS, output="uint8")
-    assert loader.backend == backend
+    gpu = backend == "dali-mixed"
+    loader = build_loader(index, "train", batch_size=BATCH, backend=backend.removesuffix("-mixed"),
+                          num_workers=WORKERS, output="uint8", device="cuda" if gpu else None)
+    assert loader.backend == backend.removesuffix("-mixed")
 
     def epochs():
         loader.set_epoch(loader.epoch)
-        return iter(loader)
+        if not gpu:
+            return iter(loader)
+
+        def synced():  # a batch counts once its pixels are on the GPU
+            for batch in loader:
+                torch.cuda.synchronize()
+                yield batch
+        return synced()
 
     _run(benchmark, backend, epochs)
     if "torchvision" in RESULTS:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import warnings
 
 import pytest
@@ -20,12 +22,62 @@ HAS_CUDA = torch.cuda.is_available()
 NO_CUDA_REASON = "no CUDA GPU on this machine (torch.cuda.is_available() is False): GPU case not run"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.gpu])]
+TWO_GPUS = HAS_CUDA and torch.cuda.device_count() >= 2
+
+# Triton decides at decoration time (when triton_augment is first imported) whether a kernel is compiled
+# or interpreted, for the whole process. On a CPU-only machine the interpreter is the only way to run the
+# Triton kernels, on CPU tensors; on a GPU machine it stays off, so the suite runs the compiled kernels on
+# CUDA tensors (the Triton-on-CPU cases then skip, naming this). $TRITON_INTERPRET set by hand wins.
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
-    """torch.device("cpu"), then torch.device("cuda") where a GPU exists (skipped with a reason elsewhere)."""
-    return torch.device(request.param)
+    """torch.device("cpu"), then torch.device("cuda") where a GPU exists (skipped with a reason elsewhere).
+
+    On cuda, TF32 is off for the test (PyTorch enables it for cuDNN convolutions by default, ~1e-3 relative
+    error), so float32 on the GPU is float32 and the CPU tolerances, which are float32 rounding, apply."""
+    dev = torch.device(request.param)
+    with full_fp32(dev):
+        yield dev
+
+
+@contextlib.contextmanager
+def full_fp32(device: torch.device):
+    """Disable TF32 matmuls/convolutions on CUDA while inside (a no-op on CPU)."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def native_backend(device: torch.device) -> str:
+    """The compiled fused-op backend of ``device``: "cuda" on CUDA tensors, "cpp" on CPU tensors."""
+    return "cuda" if torch.device(device).type == "cuda" else "cpp"
+
+
+def backend_on(name: str, device: torch.device) -> str:
+    """Resolve a backend parameter ("native", "triton", "reference") for ``device``; skip, naming why,
+    where it cannot run there (extension not built, Triton on CPU without the interpreter)."""
+    from diffaug_fast.ops import fused
+
+    name = native_backend(device) if name == "native" else name
+    why = fused.BACKENDS[name].missing(torch.device(device).type)
+    if why is not None:
+        pytest.skip(f"backend {name!r} on {torch.device(device).type}: {why}")
+    return name
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU (so a timing or an error belongs to the call that caused it); no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def oracle_model_and_diffusion(cfg: UNetConfig):

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import oracle_model_and_diffusion, randomize_
+from conftest import oracle_model_and_diffusion, randomize_, requires_cuda
 
 import diffaug_fast as df
-from diffaug_fast.bank import BankError, BankReader, pick_view, verify_bank, view_seed, view_t
+from diffaug_fast.bank import BankError, BankReader, pick_view, psnr, verify_bank, view_seed, view_t
 from diffaug_fast.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,9 @@ def setup(tmp_path_factory):
     return root, data / "train", root / "unet.pt"
 
 
-def _build(setup, out, *extra, procs=1):
+def _build(setup, out, *extra, procs=1, device="cpu"):
+    """Run the bank CLI. device="cpu" hides any GPU (CUDA_VISIBLE_DEVICES=""), so these builds are the CPU
+    builds the exactness tests assume on every machine; "cuda" builds where the CLI finds the GPU."""
     root, data, unet = setup
     args = ["build", "--data", str(data), "--unet", str(unet), "--views", "2", "--out", str(out),
             "--image-size", "32", "--resize-size", "36", "--shard-images", "4", "--batch-size", "3",
@@ -42,6 +44,8 @@ def _build(setup, out, *extra, procs=1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
                "-m", "diffaug_fast.bank", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
 
 
@@ -68,6 +72,34 @@ def test_manifest_contents(single, setup):
     m = reader.meta(5, 1)
     assert (m.t, m.seed) == (view_t(0, 5, 1, (0, 1000)), view_seed(0, 5, 1))
     assert reader.view_bytes(5, 1)[:2] == b"\xff\xd8"  # a JPEG
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_build_equals_cpu_build_within_jpeg_tolerance(single, setup):
+    """The CLI's default GPU build (fp16 UNet, cuda kernels): every view within 40 dB of the CPU build's,
+    the bound verify_bank applies to a GPU-built bank (exact equality holds only between CPU builds), and
+    verify_bank's CPU recomputation accepts it."""
+    out = setup[0] / "gpu"
+    res = _build(setup, out, device="cuda")
+    assert res.returncode == 0, res.stderr[-3000:]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["build"]["device"].startswith("cuda"), man["build"]
+    gpu, cpu = BankReader(out), BankReader(single)
+    assert (gpu.num_images, gpu.views) == (cpu.num_images, cpu.views)
+    worst = min(psnr(_decode(gpu.view_bytes(i, v)), _decode(cpu.view_bytes(i, v)))
+                for i in range(cpu.num_images) for v in range(cpu.views))
+    print(f"\nGPU vs CPU bank build: worst view PSNR {worst:.1f} dB")
+    assert worst >= 40
+    assert verify_bank(out, sample=6)["min_psnr_db"] >= 40
+
+
+def _decode(data: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def test_two_process_build_equals_single(single, setup):

@@ -213,13 +213,19 @@ def test_view_geometry_and_values(index, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,channels_last", [(torch.float32, True), (torch.float16, False), (torch.bfloat16, True)])
-def test_float_output_is_normalised_uint8(index, backend, dtype, channels_last):
-    u8 = _loader(index, "train", backend, drop_last=False)
-    fl = _loader(index, "train", backend, drop_last=False, output="float", dtype=dtype, channels_last=channels_last)
+def test_float_output_is_normalised_uint8(index, backend, dtype, channels_last, device):
+    """Float batches on ``device`` (on cuda: DALI decodes there, the torch backend copies pinned batches)
+    are the uint8 batches of the same loader and device, normalised."""
+    u8 = _loader(index, "train", backend, drop_last=False, device=device)
+    fl = _loader(index, "train", backend, drop_last=False, output="float", dtype=dtype, channels_last=channels_last,
+                 device=device)
     for bu, bf in zip(u8, fl, strict=True):
-        assert torch.equal(bu["index"], bf["index"])
+        assert torch.equal(bu["index"].cpu(), bf["index"].cpu())
+        bu = {k: v.cpu() for k, v in bu.items()}
         for v in ("clean", "diffaug"):
             x = bf[v]
+            assert x.device.type == device.type
+            x = x.cpu()
             assert x.shape == (len(bu["index"]), 3, 224, 224) and x.dtype == dtype
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             assert x.is_contiguous(memory_format=fmt)

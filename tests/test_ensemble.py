@@ -68,10 +68,16 @@ def test_de_uses_exactly_the_paper_timesteps(den):
     assert probs.shape == (10, 3, 10)
 
 
-def test_de_average_equals_manual_computation(den):
-    model, x = TinyNet(), _x()
-    probs = ensemble_probs(model, x, den, generator=torch.Generator().manual_seed(9))
-    g = torch.Generator().manual_seed(9)
+def test_de_average_equals_manual_computation(den, device):
+    """DE on ``device`` (classifier, denoiser and batch there; noise from a generator of that device)
+    equals the copies made one by one with augment and averaged by hand."""
+    import copy
+
+    den = den if device.type == "cpu" else copy.deepcopy(den).to(device)
+    model, x = TinyNet().to(device), _x().to(device)
+    probs = ensemble_probs(model, x, den, generator=torch.Generator(device).manual_seed(9))
+    assert probs.device == x.device
+    g = torch.Generator(device).manual_seed(9)
     unit = to_unit(x, IMAGENET_MEAN, IMAGENET_STD)
     manual = [model(x).softmax(1)]  # t = 0: the unmodified image
     for t in DE_TIMESTEPS[1:]:
@@ -96,9 +102,12 @@ def test_subset_slicing_before_softmax():
         subset_indices(["n99999999"], train)
 
 
-def test_evaluate_counts(den):
-    model = TinyNet(classes=4)
-    x = _x(6)
+def test_evaluate_counts(den, device):
+    import copy
+
+    den = den if device.type == "cpu" else copy.deepcopy(den).to(device)
+    model = TinyNet(classes=4).to(device)
+    x = _x(6).to(device)
     y = model(x).argmax(1)  # labels the plain model gets right
     res = evaluate(model, [(x, y)], den, seed=0)
     assert res["n"] == 6 and res["top1"] == 100.0 and 0 <= res["top1_de"] <= 100

@@ -30,14 +30,15 @@ def _setup(name: str = "adm-tiny", seed: int = 5, size: int = 32):
     return cfg, oracle, x, t, ts, truth
 
 
-def _reference_low(oracle, dtype: torch.dtype):
-    """The reference code's low-precision model: torso convs cast (convert_to_fp16, or its bf16 analogue),
-    run under autocast, as the DiffAug reference runs the released use_fp16=True checkpoint."""
-    model = oracle_low_precision(oracle, dtype)
+def _reference_low(oracle, dtype: torch.dtype, device=torch.device("cpu")):  # noqa: B008
+    """The reference code's low-precision model on ``device``: torso convs cast (convert_to_fp16, or its
+    bf16 analogue), run under autocast, as the DiffAug reference runs the released use_fp16=True
+    checkpoint. Returns float32 on the CPU."""
+    model = oracle_low_precision(oracle, dtype).to(device)
 
     def run(x, ts):
-        with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-            return model(x, ts).float()
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+            return model(x.to(device), ts.to(device)).float().cpu()
 
     return run
 
@@ -50,14 +51,17 @@ def _per_t_err(out: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["adm-tiny", "iddpm-tiny"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_within_2x_of_reference_code(name, dtype):
+def test_low_precision_within_2x_of_reference_code(name, dtype, device):
+    """On ``device`` (the reference code in the same precision on the same device sets the bar; the
+    truth is always the float32 oracle on the CPU)."""
     cfg, oracle, x, t, ts, truth = _setup(name)
-    ref_err = _per_t_err(_reference_low(oracle, dtype)(x, ts), truth)
+    ref_err = _per_t_err(_reference_low(oracle, dtype, device)(x, ts), truth)
     assert (ref_err > 0).all()
     for mode, cl in (("fast", True), ("fast", False), ("reference", True)):
-        den = df.load_denoiser(oracle.state_dict(), cfg, dtype=dtype, mode=mode, channels_last=cl, eps_only=True)
+        den = df.load_denoiser(oracle.state_dict(), cfg, dtype=dtype, mode=mode, channels_last=cl, eps_only=True,
+                               device=device)
         with torch.no_grad():
-            out = den(x, t)
+            out = den(x.to(device), t.to(device)).cpu()
         assert out.shape == (len(TS), 3, 32, 32) and out.dtype == torch.float32
         err = _per_t_err(out, truth)
         assert (err <= 2 * ref_err).all(), f"{mode=} {cl=}: errors {err.tolist()} vs reference {ref_err.tolist()}"
@@ -65,11 +69,11 @@ def test_low_precision_within_2x_of_reference_code(name, dtype):
 
 
 @pytest.mark.parametrize("kw", [dict(channels_last=True), dict(eps_only=True), dict(channels_last=True, eps_only=True)])
-def test_float32_modes_match_oracle_to_rounding(kw):
+def test_float32_modes_match_oracle_to_rounding(kw, device):
     cfg, oracle, x, t, _, truth = _setup()
-    den = df.load_denoiser(oracle.state_dict(), cfg, **kw)
+    den = df.load_denoiser(oracle.state_dict(), cfg, device=device, **kw)
     with torch.no_grad():
-        out = den(x, t)
+        out = den(x.to(device), t.to(device)).cpu()
     assert out.shape[1] == (3 if kw.get("eps_only") else cfg.out_channels)
     torch.testing.assert_close(out[:, :3], truth, rtol=0, atol=2e-5 * truth.abs().max().item())
 
@@ -111,12 +115,16 @@ def test_bad_options_raise():
         df.Denoiser(unet, conv_algo="fft")
 
 
-def test_compiled_buckets_compile_once_and_match_oracle():
-    """One compile for a (H, W): smaller batches are padded, larger ones chunked, results unchanged."""
+def test_compiled_buckets_compile_once_and_match_oracle(device):
+    """One compile for a (H, W): smaller batches are padded, larger ones chunked, results unchanged. On
+    cuda this is max-autotune with CUDA graphs: every call replays the graph (no cudagraph skips)."""
+    from torch._dynamo.utils import counters
+
     cfg = df.get_preset("adm-tiny")
     oracle, _ = oracle_model_and_diffusion(cfg)
     randomize_(oracle, seed=6)
-    den = df.load_denoiser(oracle.state_dict(), cfg, compile=True, channels_last=True)
+    den = df.load_denoiser(oracle.state_dict(), cfg, compile=True, channels_last=True, device=device)
+    skips = counters["inductor"]["cudagraph_skips"]
     seconds = den.warmup(2, 32, 32)
     assert seconds > 0 and len(den.compile_log) == 1 and den.compile_log[0][0] == (2, 32, 32)
     g = torch.Generator().manual_seed(0)
@@ -124,8 +132,12 @@ def test_compiled_buckets_compile_once_and_match_oracle():
     t = torch.tensor([0, 999, 500, 250, 750])
     with torch.no_grad():
         truth = oracle(x, t)
+    outs = []
     for idx in ([0], [0, 1], [0, 1, 2, 3, 4]):  # batch 1 (padded), 2 (exact), 5 (2 + 2 + 1 padded)
-        out = den(x[idx], t[idx])
+        out = den(x[idx].to(device), t[idx].to(device))
         assert out.shape == (len(idx), cfg.out_channels, 32, 32) and out.grad_fn is None
-        torch.testing.assert_close(out, truth[idx], rtol=0, atol=2e-5 * truth.abs().max().item())
+        outs.append(out)  # kept alive: a later CUDA-graph replay must not overwrite an earlier result
+    for idx, out in zip(([0], [0, 1], [0, 1, 2, 3, 4]), outs):
+        torch.testing.assert_close(out.cpu(), truth[idx], rtol=0, atol=2e-5 * truth.abs().max().item())
     assert len(den.compile_log) == 1  # no recompilation
+    assert counters["inductor"]["cudagraph_skips"] == skips  # on cuda: the graph was captured, not skipped
