@@ -137,7 +137,9 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu", arch: 
                 f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
         raise SystemExit(f"--ckpt {path} ({kind}) does not fit {source} {arch} with {len(classes)} classes: {what}; "
                          "pass the architecture it was trained with as --arch")
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    # our trainers normalize with the loader's ImageNet mean/std unless their settings say otherwise; a timm
+    # model's pretrained_cfg (e.g. 0.5/0.5 for ViTs) applies only to timm's own checkpoints
+    cfg = {} if settings else (getattr(model, "pretrained_cfg", None) or {})
     info = {"arch": arch, "source": source, "classes_known": known,
             "crop_size": int(settings.get("image_size", 224)), "resize_size": int(settings.get("resize_size", 256)),
             "mean": tuple(settings.get("mean") or cfg.get("mean") or IMAGENET_MEAN),

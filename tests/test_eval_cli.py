@@ -223,3 +223,20 @@ def test_certify_bad_input(cli, tree, tmp_path):
         _images(three / c, 1, np.random.default_rng(3))
     with pytest.raises(SystemExit, match="has 3 classes, the classifier 2"):
         _certify(cp, tree, tmp_path / "o", "--data", str(three))
+
+
+def test_demo_lines(cli, tree, tmp_path):
+    """The demo's one-liners agree with the full CLIs on the same data."""
+    from diffaug_fast.models import load_classifier
+    from diffaug_fast.ood import demo_auroc_line
+    from diffaug_fast.smoothing import demo_certify_line
+
+    ev, _ = cli
+    model, _, info = load_classifier(tree / "vit.pt")
+    geometry = dict(crop_size=info["crop_size"], resize_size=info["resize_size"], mean=info["mean"], std=info["std"])
+    line = demo_auroc_line(model, tree, backend="torch", **geometry)
+    res = ev.main(["--ckpt", str(tree / "vit.pt"), "--ood-id", str(tree / "val"), "--ood", f"ood={tree / 'ood'}",
+                   "--detectors", "msp", "--loader", "torch", "--workers", "0", "--out", str(tmp_path / "e")])
+    assert f"AUROC {100 * res['ood'][0]['auroc']:.1f}%" in line and "6 ID / 4 OOD" in line
+    line = demo_certify_line(model, tree, n_images=2, n0=4, n=20, backend="torch", **geometry)
+    assert line.startswith("certified accuracy (randomized smoothing, sigma 0.25, no denoiser, n=20, 2 images)")
