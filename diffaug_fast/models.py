@@ -129,15 +129,19 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu", arch: 
                          "use the classes file of the run that trained it")
     arch = arch or settings.get("arch") or "resnet50"
     model, source = _build(arch, len(classes), source, dict(settings.get("model_kwargs") or {}))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    wrong = [k for k, v in model.state_dict().items() if k in sd and sd[k].shape != v.shape]
+    own = model.state_dict()  # compared before loading: load_state_dict raises a many-line error on shapes
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    wrong = [k for k, v in own.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or wrong:
         what = (f"shape of {wrong[0]}: checkpoint {tuple(sd[wrong[0]].shape)}, model "
                 f"{tuple(model.state_dict()[wrong[0]].shape)}" if wrong else
                 f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
         raise SystemExit(f"--ckpt {path} ({kind}) does not fit {source} {arch} with {len(classes)} classes: {what}; "
                          "pass the architecture it was trained with as --arch")
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    model.load_state_dict(sd)
+    # our trainers normalize with the loader's ImageNet mean/std unless their settings say otherwise; a timm
+    # model's pretrained_cfg (e.g. 0.5/0.5 for ViTs) applies only to timm's own checkpoints
+    cfg = {} if settings else (getattr(model, "pretrained_cfg", None) or {})
     info = {"arch": arch, "source": source, "classes_known": known,
             "crop_size": int(settings.get("image_size", 224)), "resize_size": int(settings.get("resize_size", 256)),
             "mean": tuple(settings.get("mean") or cfg.get("mean") or IMAGENET_MEAN),

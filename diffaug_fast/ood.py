@@ -240,6 +240,7 @@ def _bar(it, desc):
 
 
 def demo_auroc_line(model: nn.Module, data_root: str | os.PathLike, *, crop_size: int, resize_size: int,
+                    mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
                     detector: str = "msp", device: torch.device | str = "cpu", batch_size: int = 32,
                     backend: str = "auto", num_workers: int = 0) -> str:
     """One line for the demo: AUROC of ``detector`` with <data_root>/val as in-distribution and the
@@ -250,7 +251,7 @@ def demo_auroc_line(model: nn.Module, data_root: str | os.PathLike, *, crop_size
 
     root = Path(data_root)
     fh = features_and_head(model)
-    geometry = dict(crop_size=crop_size, resize_size=resize_size)
+    geometry = dict(crop_size=crop_size, resize_size=resize_size, mean=tuple(mean), std=tuple(std))
     kw = dict(batch_size=batch_size, backend=backend, device=torch.device(device), num_workers=num_workers, **geometry)
     id_index = scan_dataset(root / "val", progress=False)
     feats, _ = collect_features(fh.features, val_batches(id_index, **kw))

@@ -163,6 +163,10 @@ class Smooth:
             raise ValueError(f"n and batch_size must be positive, got n={n}, batch_size={batch_size}")
         if not 0 < alpha < 0.5:
             raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+        if self.denoiser is not None:
+            down, (h, w) = self.denoiser.total_downsampling, x.shape[-2:]
+            if h % down or w % down:
+                raise ValueError(f"x is {h}x{w}, but the UNet downsamples {down}x: H and W must be multiples of {down}")
 
     # ------------------------------------------------------------------------------------------------
     # Cohen et al.'s CERTIFY and PREDICT

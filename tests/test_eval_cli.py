@@ -223,3 +223,40 @@ def test_certify_bad_input(cli, tree, tmp_path):
         _images(three / c, 1, np.random.default_rng(3))
     with pytest.raises(SystemExit, match="has 3 classes, the classifier 2"):
         _certify(cp, tree, tmp_path / "o", "--data", str(three))
+
+
+def test_demo_lines(cli, tree, tmp_path):
+    """The demo's one-liners agree with the full CLIs on the same data."""
+    from diffaug_fast.models import load_classifier
+    from diffaug_fast.ood import demo_auroc_line
+    from diffaug_fast.smoothing import demo_certify_line
+
+    ev, _ = cli
+    model, _, info = load_classifier(tree / "vit.pt")
+    geometry = dict(crop_size=info["crop_size"], resize_size=info["resize_size"], mean=info["mean"], std=info["std"])
+    line = demo_auroc_line(model, tree, backend="torch", **geometry)
+    res = ev.main(["--ckpt", str(tree / "vit.pt"), "--ood-id", str(tree / "val"), "--ood", f"ood={tree / 'ood'}",
+                   "--detectors", "msp", "--loader", "torch", "--workers", "0", "--out", str(tmp_path / "e")])
+    assert f"AUROC {100 * res['ood'][0]['auroc']:.1f}%" in line and "6 ID / 4 OOD" in line
+    line = demo_certify_line(model, tree, n_images=2, n0=4, n=20, backend="torch", **geometry)
+    assert line.startswith("certified accuracy (randomized smoothing, sigma 0.25, no denoiser, n=20, 2 images)")
+
+
+def test_timm_checkpoints_deit_style_and_safetensors(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from diffaug_fast.models import load_classifier
+
+    torch.manual_seed(0)
+    ref = timm.create_model("resnet10t", num_classes=3).eval()
+    torch.save({"model": ref.state_dict()}, tmp_path / "deit_style.pth")
+    save_file(ref.state_dict(), tmp_path / "w.safetensors")
+    x = torch.randn(1, 3, 32, 32)
+    for name in ("deit_style.pth", "w.safetensors"):
+        model, classes, info = load_classifier(tmp_path / name, arch="resnet10t")
+        assert info["source"] == "timm" and classes == ["0", "1", "2"] and not info["classes_known"]
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x))
+    with pytest.raises(SystemExit, match=r"does not fit timm resnet18d with 3 classes: shape of conv1.0.weight"):
+        load_classifier(tmp_path / "w.safetensors", arch="resnet18d")
