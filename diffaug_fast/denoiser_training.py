@@ -195,7 +195,8 @@ def check_out_path(out: str | None) -> Path:
 
 
 def save_grid_png(model_fn, schedule: Schedule, images: torch.Tensor, path: Path, seed: int, title: str) -> Path:
-    """PNG grid: clean, then (x_t, one-step x0) pairs at GRID_TS; one row per held-out image."""
+    """PNG grid: clean, then pairs (x_t / sqrt(abar_t) "xt t", clipped one-step x0 "x0 t") at GRID_TS; one row
+    per held-out image."""
     from .viz import save_grid
 
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(images.device)
@@ -203,7 +204,7 @@ def save_grid_png(model_fn, schedule: Schedule, images: torch.Tensor, path: Path
     for t in GRID_TS:
         noisy, x0_hat = one_step(model_fn, schedule, images, t, noise)
         cols += [noisy, x0_hat]
-        labels += [f"x_t/sqrt(ab) t={t}", f"x0 t={t}"]
+        labels += [f"xt {t}", f"x0 {t}"]
     unit = [(c.float().clamp(-1, 1) + 1) / 2 for c in cols]
     return save_grid(unit, path, col_labels=labels, title=title)
 
@@ -258,7 +259,7 @@ def demo_psnr_report(ckpt: str | os.PathLike, data_root: str | os.PathLike, n: i
     den = load_denoiser(ckpt)
     index = scan_dataset(Path(data_root) / "val", progress=False)
     size = den.config.image_size
-    sub = index.subset(range(0, len(index), max(1, len(index) // n)))
+    sub = index.subset(list(range(0, len(index), max(1, len(index) // n)))[:n])  # spread over the classes
     loader = build_loader(sub, "val", batch_size=len(sub), backend="torch", output="float", mean=(0.5,) * 3,
                           std=(0.5,) * 3, channels_last=False, num_workers=0, crop_size=size, resize_size=size)
     images = next(iter(loader))["image"]

@@ -269,3 +269,40 @@ def test_read_only_out_folder(tree, tmp_path):
         assert "cannot write" in _one_line_exit(_argv(tree, ro / "m.pt"))
     finally:
         ro.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------------------------- the demo
+
+
+def test_demo_denoiser_is_cached_and_atomic(tmp_path, monkeypatch):
+    """A killed first training leaves neither the final folder nor its temporary one; a finished one is reused."""
+    import diffaug_fast.train_denoiser as td
+    from diffaug_fast.denoiser_training import demo_denoiser
+
+    root = tmp_path / "synthetic"
+    root.mkdir()
+    calls = []
+
+    def killed(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(td, "main", killed)
+    with pytest.raises(KeyboardInterrupt):
+        demo_denoiser(root, steps=3, say=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
+    argv = calls[0]
+    assert argv[argv.index("--data") + 1] == str(root / "train") and argv[argv.index("--seed") + 1] == "0"
+
+    def finished(argv):
+        out = Path(argv[argv.index("--out") + 1])
+        out.write_bytes(b"weights")
+        out.with_suffix(".json").write_text("{}")
+
+    monkeypatch.setattr(td, "main", finished)
+    ckpt = demo_denoiser(root, steps=3, say=lambda *a: None)
+    assert ckpt.read_bytes() == b"weights" and ckpt.parent.parent == tmp_path
+    monkeypatch.setattr(td, "main", killed)  # a second call must not train again
+    assert demo_denoiser(root, steps=3, say=lambda *a: None) == ckpt
