@@ -45,7 +45,7 @@ from .denoiser_training import (
 )
 from .distributed import any_rank, barrier, init_distributed
 from .hardware import fast_half_dtype
-from .runs import JsonLog, RunError, open_run
+from .runs import JsonLog, RunDir, RunError, open_run
 from .unet import UNet, count_parameters
 
 HALF = (0.5, 0.5, 0.5)  # the loader's (x/255 - mean)/std with these gives [-1, 1], the diffusion data range
@@ -164,7 +164,8 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
 
     step = 0
     if s.resume:
-        ck, path = (run.load_checkpoint(say=say) if run else (torch.load(run_dir / "last.pt", weights_only=True), None))
+        # every rank reads the same file rank 0 picks (last.pt, else prev.pt), without taking the lock
+        ck, path = (run or RunDir(run_dir, None)).load_checkpoint(say=say)
         if bad := _resume_mismatch(ck, identity):
             raise SystemExit(f"--resume: {run_dir} holds a run of another configuration ({'; '.join(bad)}); "
                              "use the original flags, or --overwrite to start afresh")
@@ -173,7 +174,7 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         step = int(ck["step"])
-        say(f"resumed from {path or run_dir}: step {step} of {s.steps}")
+        say(f"resumed from {path}: step {step} of {s.steps}")
 
     per_rank = s.batch_size // world
     loader = build_loader(train_index, "train", batch_size=per_rank, backend=s.loader, output="float", mean=HALF,
