@@ -1,7 +1,8 @@
 """Denoiser training step (diffaug_fast.train_denoiser): steps/s and images/s, forward / backward split.
 
-One step = the trainer's step without the loader: t and noise drawn per sample, x_t, the UNet forward with
-the hybrid loss (improved-diffusion's mse + vb), backward, gradient clipping, AdamW, EMA update. Timed
+One step = the trainer's own step functions without the loader (denoiser_training.diffusion_forward: t and
+noise per sample, x_t, the UNet forward, the hybrid loss; optimizer_step: backward, gradient clipping, AdamW,
+EMA update). Timed
 separately: forward + loss, and backward + optimizer + EMA. Model: the demo's UNet (DEMO_CONFIG, 0.94 M
 parameters) at the demo size (48 px) and at 64 px, batch 32, float32 and, where the device computes it
 natively, the half dtype the trainer's --amp picks. extra_info: steps_per_s, images_per_s, forward_s,
@@ -20,8 +21,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diffaug_fast.denoiser_training import DEMO_CONFIG, ema_update, sample_t_noise
-from diffaug_fast.diffusion_loss import LossTables, hybrid_loss
+from diffaug_fast.denoiser_training import DEMO_CONFIG, diffusion_forward, optimizer_step
+from diffaug_fast.diffusion_loss import LossTables
 from diffaug_fast.hardware import fast_half_dtype
 from diffaug_fast.unet import UNet
 
@@ -40,26 +41,16 @@ class _Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.dtype = fast_half_dtype(device) if amp else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.schedule, self.tables = cfg.schedule(), LossTables(cfg.schedule())
+        self.tables = LossTables(cfg.schedule())
         self.x0 = torch.rand(BATCH, 3, size, size, device=device) * 2 - 1
         self.device, self.step_no = device, 0
 
     def forward(self):
-        t, noise = sample_t_noise(0, self.step_no, torch.arange(BATCH), tuple(self.x0.shape[1:]), 1000)
-        t, noise = t.to(self.device), noise.to(self.device)
-        x_t = self.tables("sqrt_abar", t) * self.x0 + self.tables("sqrt_1m_abar", t) * noise
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            out = self.model(x_t, self.schedule.model_timesteps(t))
-        return hybrid_loss(out.float(), self.x0, x_t, noise, t, self.tables)["loss"].mean()
+        terms, _ = diffusion_forward(self.model, self.x0, torch.arange(BATCH), 0, self.step_no, self.tables, self.dtype)
+        return terms["loss"].mean()
 
     def backward(self, loss):
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        ema_update(self.ema, self.model, 0.9999)
+        optimizer_step(loss, self.model, self.ema, self.opt, self.scaler, 1.0, 0.9999)
         self.step_no += 1
 
     def sync(self):

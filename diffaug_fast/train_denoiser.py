@@ -31,16 +31,15 @@ from .denoiser_training import (
     PSNR_TS,
     DenoiserSettings,
     LossTables,
+    LossWindow,
     ModelFn,
     check_out_path,
-    ema_update,
+    diffusion_forward,
     export_checkpoint,
     format_psnr_table,
-    hybrid_loss,
+    optimizer_step,
     psnr_table,
-    quarter_means,
     resolve_config,
-    sample_t_noise,
     save_grid_png,
 )
 from .distributed import any_rank, barrier, init_distributed
@@ -212,29 +211,18 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
     stop = {"signal": None}
     old = {sig: signal.signal(sig, lambda n, f: stop.update(signal=n)) for sig in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=s.steps, initial=step, unit="step", disable=not (s.progress and rank == 0), dynamic_ncols=True)
-    window: dict = {"n": 0, "loss": 0.0, "mse": 0.0, "vb": 0.0, **{f"q{i}": [0.0, 0] for i in range(4)}}
+    window = LossWindow(T)
     timed, timed_s, t_start = 0, 0.0, time.perf_counter()
     try:
         while step < s.steps:
             loader.set_epoch(epoch)
             for batch in loader:
                 t0 = time.perf_counter()
-                x0 = batch["clean"].float()
-                t, noise = sample_t_noise(s.seed, step, batch["index"].cpu(), tuple(x0.shape[1:]), T)
-                t, noise = t.to(device), noise.to(device)
                 torch.manual_seed((s.seed * 1_000_003 + step) * 4099 + rank)  # dropout, if the config has any
-                x_t = tables("sqrt_abar", t) * x0 + tables("sqrt_1m_abar", t) * noise
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    model_out = net(x_t, schedule.model_timesteps(t))
-                terms = hybrid_loss(model_out.float(), x0, x_t, noise, t, tables)
+                terms, t = diffusion_forward(net, batch["clean"].float(), batch["index"], s.seed, step, tables,
+                                             amp_dtype)
                 loss = terms["loss"].mean()
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                ema_update(ema, model, s.ema_rate)
+                grad_norm = optimizer_step(loss, model, ema, opt, scaler, s.grad_clip, s.ema_rate)
                 loss_val = loss.item()
                 if not math.isfinite(loss_val):
                     raise SystemExit(f"loss is {loss_val} at step {step}: lower --lr or check the data")
@@ -242,23 +230,13 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
                 dt = time.perf_counter() - t0
                 if step > 2:  # allocator / first-call warm-up excluded
                     timed, timed_s = timed + 1, timed_s + dt
-                window["n"] += len(t)
-                for k in ("loss", "mse", "vb"):
-                    window[k] += terms[k].sum().item() if k in terms else 0.0
-                for q, (tot, cnt) in quarter_means(t, terms["loss"].detach(), T).items():
-                    window[q][0] += tot
-                    window[q][1] += cnt
+                window.add(terms, t)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.4f}")
                 if step % s.log_every == 0 or step == s.steps:
-                    n = window.pop("n")
-                    rec = {k: v / n for k, v in window.items() if not k.startswith("q")}
-                    rec |= {f"loss_q{i}": (window[f"q{i}"][0] / window[f"q{i}"][1] if window[f"q{i}"][1] else None)
-                            for i in range(4)}
                     steps_s = timed / timed_s if timed_s else float("nan")
                     log.write(event="step", step=step, grad_norm=float(grad_norm), steps_per_s=steps_s,
-                              images_per_s=steps_s * s.batch_size, **rec)
-                    window = {"n": 0, "loss": 0.0, "mse": 0.0, "vb": 0.0, **{f"q{i}": [0.0, 0] for i in range(4)}}
+                              images_per_s=steps_s * s.batch_size, **window.record())
                 if rank == 0 and (step % s.eval_every == 0 or step == s.steps):
                     rows = evaluate(step)
                     bar.write(f"step {step}: EMA one-step PSNR gain " + ", ".join(

@@ -104,6 +104,27 @@ def test_psnr_table_closed_form():
     assert all(r["psnr_x0"] > 80 and r["gain"] > 40 for r in exact)
 
 
+def test_loss_window_means_by_quarter_of_t():
+    from diffaug_fast.denoiser_training import LossWindow
+
+    g = torch.Generator().manual_seed(0)
+    w = LossWindow(1000)
+    ts, losses = [], []
+    for _ in range(3):
+        t = torch.randint(0, 750, (5,), generator=g)  # no sample in the last quarter
+        loss = torch.rand(5, generator=g)
+        w.add({"loss": loss, "mse": loss / 2}, t)
+        ts.append(t.numpy())
+        losses.append(loss.numpy())
+    t, loss = np.concatenate(ts), np.concatenate(losses)
+    rec = w.record()
+    assert rec["loss"] == pytest.approx(loss.mean()) and rec["mse"] == pytest.approx(loss.mean() / 2) and rec["vb"] == 0
+    for i, (lo, hi) in enumerate([(0, 250), (250, 500), (500, 750)]):
+        assert rec[f"loss_q{i}"] == pytest.approx(loss[(t >= lo) & (t < hi)].mean())
+    assert rec["loss_q3"] is None
+    assert w.n == 0  # reset after a record
+
+
 # ---------------------------------------------------------------------------------------------------- training
 
 
