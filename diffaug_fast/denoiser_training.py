@@ -1,6 +1,6 @@
 """Train our own ADM denoiser (improved-diffusion's objective) on an ImageFolder tree; the demo's denoiser.
 
-    python -m diffaug_fast.train_denoiser --data DIR --preset adm-tiny --image-size 64 --steps 20000 \
+    python -m diffaug_fast.train_denoiser --data DIR --preset adm-tiny --image-size 64 --steps 20000
         --batch-size 64 --lr 1e-4 --out den/model.pt
     torchrun --nproc-per-node 8 -m diffaug_fast.train_denoiser ...
 

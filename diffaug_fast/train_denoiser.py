@@ -1,6 +1,6 @@
 """python -m diffaug_fast.train_denoiser: train an ADM denoiser on an ImageFolder tree (see denoiser_training).
 
-    python -m diffaug_fast.train_denoiser --data DIR --preset NAME|--config JSON --image-size S --steps N \
+    python -m diffaug_fast.train_denoiser --data DIR --preset NAME|--config JSON --image-size S --steps N
         --batch-size B --lr LR --out CKPT [--resume | --overwrite] [--ema-rate R] [--val DIR]
 
 Checkpoints (raw + EMA weights, optimizer, scaler, step) go to the run folder every --save-every steps, at

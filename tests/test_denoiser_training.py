@@ -207,6 +207,12 @@ def test_export_loads_strictly_into_guided_diffusion_and_eps_matches(full_run, t
     with torch.no_grad():
         torch.testing.assert_close(den(x, t), oracle(x, t), rtol=1e-5, atol=1e-5)
     assert any(abs(r["gain"]) > 0 for r in side["held_out_psnr"])
+    # as train/rn50.py --unet and the bank load it: the fast path, DiffAug views from the trained weights
+    fast = df.load_denoiser(out, eps_only=True, fused_norm=True)
+    assert fast.name == "custom"  # the bank reloads by name: a preset's, or "custom" (then from the sidecar)
+    images = x.clamp(-1, 1)
+    views = df.augment(images, fast, t=torch.tensor([100, 500, 900]), generator=torch.Generator().manual_seed(0))
+    assert views.shape == images.shape and -1 <= views.min() and views.max() <= 1 and views.std() > 0
 
 
 def test_resume_mid_run_gives_identical_weights(full_run, tree, tmp_path):
