@@ -268,7 +268,8 @@ def demo_denoiser(data_root: str | os.PathLike, *, steps: int = 120, say=print) 
 
     Returns the checkpoint path (``<data_root>.denoiser/model.pt`` with its .safetensors and .json). Trained
     with a fixed seed; the exact command is recorded in the sidecar. Built in a temporary folder that is
-    renamed at the end, so a killed first run never leaves a half checkpoint behind.
+    renamed at the end, so a killed first run never leaves a half checkpoint behind. Trains in this process
+    alone: under torchrun call it on rank 0 only and broadcast the path (the other ranks wait at a barrier).
     """
     import shutil
     import tempfile
@@ -291,7 +292,7 @@ def demo_denoiser(data_root: str | os.PathLike, *, steps: int = 120, say=print) 
         f"diffaug_fast.train_denoiser {' '.join(argv)}")
     start = time.perf_counter()
     try:
-        main(argv)
+        main(argv, single_process=True)
         if final.exists():  # an older, incomplete attempt
             shutil.rmtree(final)
         tmp.rename(final)

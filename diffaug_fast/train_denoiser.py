@@ -42,7 +42,7 @@ from .denoiser_training import (
     resolve_config,
     save_grid_png,
 )
-from .distributed import any_rank, barrier, init_distributed
+from .distributed import World, any_rank, barrier, init_distributed
 from .hardware import fast_half_dtype
 from .runs import JsonLog, RunDir, RunError, open_run
 from .unet import UNet, count_parameters
@@ -114,7 +114,9 @@ def _resume_mismatch(ck: dict, ident: dict) -> list[str]:
     return [f"{k}: checkpoint {have.get(k)!r} vs now {v!r}" for k, v in ident.items() if have.get(k) != v]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict:
+    """Train as the command line says; returns a summary dict. ``single_process=True`` trains in this process
+    alone even inside a torchrun job (the demo's denoiser, built by rank 0 while the others wait)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     s = parse_args(argv)
     if not s.data:
@@ -122,7 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
     _check_numbers(s)
     cfg = resolve_config(s.preset, s.config, s.image_size)
     out = check_out_path(s.out)
-    w = init_distributed()
+    if single_process:
+        w = World(0, 1, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else
+                  torch.device("cpu"))
+    else:
+        w = init_distributed()
     rank, world = w.rank, w.size
     if s.batch_size % world:
         raise SystemExit(f"--batch-size {s.batch_size} is not divisible by the {world} processes")
@@ -144,7 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> dict:
     rank, world, device = w.rank, w.size, w.device
-    barrier()
+
+    def sync() -> None:  # no collective in a single-process run, even inside a torchrun job
+        if world > 1:
+            barrier()
+
+    sync()
     log = JsonLog(run_dir / "log.jsonl" if rank == 0 else None)
     fingerprint = dataset_fingerprint(train_index, train_index.root)
     # what a resumed run must share with the checkpoint it continues
@@ -206,7 +217,7 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
         if rank == 0:
             run.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                  "scaler": scaler.state_dict(), "step": at, "identity": identity})
-        barrier()
+        sync()
 
     stop = {"signal": None}
     old = {sig: signal.signal(sig, lambda n, f: stop.update(signal=n)) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -243,7 +254,7 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
                         f"t={r['t']} {r['gain']:+.1f} dB" for r in rows))
                 if s.stop_after_steps is not None and step == s.stop_after_steps:
                     os.kill(os.getpid(), signal.SIGTERM)
-                stopping = any_rank(stop["signal"] is not None, device)
+                stopping = any_rank(stop["signal"] is not None, device) if world > 1 else stop["signal"] is not None
                 if stopping:
                     save(step)
                     bar.close()
@@ -283,7 +294,7 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
             f"{summary['images_per_s']:.1f} images/s")
         log.write(event="summary", **summary, psnr=rows)
         summary["psnr"] = rows
-    barrier()
+    sync()
     if world > 1:
         dist.destroy_process_group()
     return summary

@@ -310,7 +310,7 @@ def test_demo_denoiser_is_cached_and_atomic(tmp_path, monkeypatch):
     root.mkdir()
     calls = []
 
-    def killed(argv):
+    def killed(argv, single_process=False):
         calls.append(argv)
         out = Path(argv[argv.index("--out") + 1])
         out.write_bytes(b"half a checkpoint")
@@ -323,7 +323,8 @@ def test_demo_denoiser_is_cached_and_atomic(tmp_path, monkeypatch):
     argv = calls[0]
     assert argv[argv.index("--data") + 1] == str(root / "train") and argv[argv.index("--seed") + 1] == "0"
 
-    def finished(argv):
+    def finished(argv, single_process=False):
+        assert single_process
         out = Path(argv[argv.index("--out") + 1])
         out.write_bytes(b"weights")
         out.with_suffix(".json").write_text("{}")
