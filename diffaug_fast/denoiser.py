@@ -524,7 +524,7 @@ def load_denoiser(
     side = read_sidecar(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) and preset is None else None
     if side is not None:
         config, sched, _ = side
-        name = Path(checkpoint).stem
+        name = "custom"  # a name is a preset's or "custom": the bank reloads by it (None for "custom")
         schedule = schedule or sched
     elif preset is None:
         config, name = infer_config(sd)

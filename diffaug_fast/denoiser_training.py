@@ -1,6 +1,6 @@
 """Train our own ADM denoiser (improved-diffusion's objective) on an ImageFolder tree; the demo's denoiser.
 
-    python -m diffaug_fast.train_denoiser --data DIR --preset adm-tiny --image-size 64 --steps 20000 \
+    python -m diffaug_fast.train_denoiser --data DIR --preset adm-tiny --image-size 64 --steps 20000
         --batch-size 64 --lr 1e-4 --out den/model.pt
     torchrun --nproc-per-node 8 -m diffaug_fast.train_denoiser ...
 
@@ -33,7 +33,7 @@ from .schedule import Schedule
 from .unet import UNet, UNetConfig, get_preset
 
 __all__ = ["DenoiserSettings", "resolve_config", "export_checkpoint", "read_sidecar", "sidecar_path",
-           "sample_t_noise", "ema_update", "quarter_means", "ModelFn", "check_out_path", "save_grid_png",
+           "sample_t_noise", "ema_update", "diffusion_forward", "optimizer_step", "LossWindow", "ModelFn", "check_out_path", "save_grid_png",
            "DEMO_CONFIG", "demo_denoiser", "demo_psnr_report", "psnr_table", "format_psnr_table", "PSNR_TS",
            "hybrid_loss", "LossTables"]
 
@@ -136,10 +136,61 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, rate: float) -> Non
     torch._foreach_lerp_(e, [p.detach() for p in model.parameters()], 1.0 - rate)
 
 
-def quarter_means(t: torch.Tensor, values: torch.Tensor, num_steps: int) -> dict[str, tuple[float, int]]:
-    """{"q0".."q3": (sum, count)} of ``values`` by quarter of t, improved-diffusion's loss_q0..q3."""
-    q = (4 * t // num_steps).clamp(max=3)
-    return {f"q{i}": (values[q == i].sum().item(), int((q == i).sum())) for i in range(4)}
+def diffusion_forward(net, x0: torch.Tensor, ids: torch.Tensor, seed: int, step: int, tables: LossTables,
+                      amp_dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Forward half of a training step: (per-example loss terms [B], t [B]) for clean images x0 [B, C, H, W]
+    in [-1, 1] whose dataset indices are ``ids`` [B]; ``net`` is the UNet (or its DDP wrapper)."""
+    schedule = tables.schedule
+    t, noise = sample_t_noise(seed, step, ids.cpu(), tuple(x0.shape[1:]), schedule.num_steps)
+    t, noise = t.to(x0.device), noise.to(x0.device)
+    x_t = tables("sqrt_abar", t) * x0 + tables("sqrt_1m_abar", t) * noise
+    with torch.autocast(x0.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        model_out = net(x_t, schedule.model_timesteps(t))
+    return hybrid_loss(model_out.float(), x0, x_t, noise, t, tables), t
+
+
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, ema: torch.nn.Module, opt, scaler, grad_clip: float,
+                   ema_rate: float) -> torch.Tensor:
+    """Backward half: backward (scaled), gradient clipping, the optimizer step, the EMA update; the grad norm."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    ema_update(ema, model, ema_rate)
+    return grad_norm
+
+
+class LossWindow:
+    """Running means of the loss terms since the last record, and the loss by quarter of t (improved-diffusion's
+    loss_q0..q3: q0 is t < T/4, the nearly clean end)."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+        self.reset()
+
+    def reset(self) -> None:
+        self.n, self.sums = 0, {"loss": 0.0, "mse": 0.0, "vb": 0.0}
+        self.q = [[0.0, 0] for _ in range(4)]
+
+    def add(self, terms: dict[str, torch.Tensor], t: torch.Tensor) -> None:
+        self.n += len(t)
+        for k in self.sums:
+            self.sums[k] += terms[k].detach().sum().item() if k in terms else 0.0
+        quarter = (4 * t // self.num_steps).clamp(max=3)
+        loss = terms["loss"].detach()
+        for i in range(4):
+            sel = quarter == i
+            self.q[i][0] += loss[sel].sum().item()
+            self.q[i][1] += int(sel.sum())
+
+    def record(self) -> dict:
+        """{"loss", "mse", "vb", "loss_q0".."loss_q3" (None for a quarter with no sample)}; then resets."""
+        rec = {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        rec |= {f"loss_q{i}": (tot / cnt if cnt else None) for i, (tot, cnt) in enumerate(self.q)}
+        self.reset()
+        return rec
 
 
 class ModelFn:
@@ -195,7 +246,8 @@ def check_out_path(out: str | None) -> Path:
 
 
 def save_grid_png(model_fn, schedule: Schedule, images: torch.Tensor, path: Path, seed: int, title: str) -> Path:
-    """PNG grid: clean, then (x_t, one-step x0) pairs at GRID_TS; one row per held-out image."""
+    """PNG grid: clean, then pairs (x_t / sqrt(abar_t) "xt t", clipped one-step x0 "x0 t") at GRID_TS; one row
+    per held-out image."""
     from .viz import save_grid
 
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(images.device)
@@ -203,7 +255,7 @@ def save_grid_png(model_fn, schedule: Schedule, images: torch.Tensor, path: Path
     for t in GRID_TS:
         noisy, x0_hat = one_step(model_fn, schedule, images, t, noise)
         cols += [noisy, x0_hat]
-        labels += [f"x_t/sqrt(ab) t={t}", f"x0 t={t}"]
+        labels += [f"xt {t}", f"x0 {t}"]
     unit = [(c.float().clamp(-1, 1) + 1) / 2 for c in cols]
     return save_grid(unit, path, col_labels=labels, title=title)
 
@@ -216,7 +268,8 @@ def demo_denoiser(data_root: str | os.PathLike, *, steps: int = 120, say=print) 
 
     Returns the checkpoint path (``<data_root>.denoiser/model.pt`` with its .safetensors and .json). Trained
     with a fixed seed; the exact command is recorded in the sidecar. Built in a temporary folder that is
-    renamed at the end, so a killed first run never leaves a half checkpoint behind.
+    renamed at the end, so a killed first run never leaves a half checkpoint behind. Trains in this process
+    alone: under torchrun call it on rank 0 only and broadcast the path (the other ranks wait at a barrier).
     """
     import shutil
     import tempfile
@@ -239,7 +292,7 @@ def demo_denoiser(data_root: str | os.PathLike, *, steps: int = 120, say=print) 
         f"diffaug_fast.train_denoiser {' '.join(argv)}")
     start = time.perf_counter()
     try:
-        main(argv)
+        main(argv, single_process=True)
         if final.exists():  # an older, incomplete attempt
             shutil.rmtree(final)
         tmp.rename(final)
@@ -258,7 +311,7 @@ def demo_psnr_report(ckpt: str | os.PathLike, data_root: str | os.PathLike, n: i
     den = load_denoiser(ckpt)
     index = scan_dataset(Path(data_root) / "val", progress=False)
     size = den.config.image_size
-    sub = index.subset(range(0, len(index), max(1, len(index) // n)))
+    sub = index.subset(list(range(0, len(index), max(1, len(index) // n)))[:n])  # spread over the classes
     loader = build_loader(sub, "val", batch_size=len(sub), backend="torch", output="float", mean=(0.5,) * 3,
                           std=(0.5,) * 3, channels_last=False, num_workers=0, crop_size=size, resize_size=size)
     images = next(iter(loader))["image"]

@@ -1,6 +1,6 @@
 """python -m diffaug_fast.train_denoiser: train an ADM denoiser on an ImageFolder tree (see denoiser_training).
 
-    python -m diffaug_fast.train_denoiser --data DIR --preset NAME|--config JSON --image-size S --steps N \
+    python -m diffaug_fast.train_denoiser --data DIR --preset NAME|--config JSON --image-size S --steps N
         --batch-size B --lr LR --out CKPT [--resume | --overwrite] [--ema-rate R] [--val DIR]
 
 Checkpoints (raw + EMA weights, optimizer, scaler, step) go to the run folder every --save-every steps, at
@@ -31,21 +31,20 @@ from .denoiser_training import (
     PSNR_TS,
     DenoiserSettings,
     LossTables,
+    LossWindow,
     ModelFn,
     check_out_path,
-    ema_update,
+    diffusion_forward,
     export_checkpoint,
     format_psnr_table,
-    hybrid_loss,
+    optimizer_step,
     psnr_table,
-    quarter_means,
     resolve_config,
-    sample_t_noise,
     save_grid_png,
 )
-from .distributed import any_rank, barrier, init_distributed
+from .distributed import World, any_rank, barrier, init_distributed
 from .hardware import fast_half_dtype
-from .runs import JsonLog, RunError, open_run
+from .runs import JsonLog, RunDir, RunError, open_run
 from .unet import UNet, count_parameters
 
 HALF = (0.5, 0.5, 0.5)  # the loader's (x/255 - mean)/std with these gives [-1, 1], the diffusion data range
@@ -115,7 +114,9 @@ def _resume_mismatch(ck: dict, ident: dict) -> list[str]:
     return [f"{k}: checkpoint {have.get(k)!r} vs now {v!r}" for k, v in ident.items() if have.get(k) != v]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict:
+    """Train as the command line says; returns a summary dict. ``single_process=True`` trains in this process
+    alone even inside a torchrun job (the demo's denoiser, built by rank 0 while the others wait)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     s = parse_args(argv)
     if not s.data:
@@ -123,7 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
     _check_numbers(s)
     cfg = resolve_config(s.preset, s.config, s.image_size)
     out = check_out_path(s.out)
-    w = init_distributed()
+    if single_process:
+        w = World(0, 1, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else
+                  torch.device("cpu"))
+    else:
+        w = init_distributed()
     rank, world = w.rank, w.size
     if s.batch_size % world:
         raise SystemExit(f"--batch-size {s.batch_size} is not divisible by the {world} processes")
@@ -145,7 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> dict:
     rank, world, device = w.rank, w.size, w.device
-    barrier()
+
+    def sync() -> None:  # no collective in a single-process run, even inside a torchrun job
+        if world > 1:
+            barrier()
+
+    sync()
     log = JsonLog(run_dir / "log.jsonl" if rank == 0 else None)
     fingerprint = dataset_fingerprint(train_index, train_index.root)
     # what a resumed run must share with the checkpoint it continues
@@ -164,7 +174,8 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
 
     step = 0
     if s.resume:
-        ck, path = (run.load_checkpoint(say=say) if run else (torch.load(run_dir / "last.pt", weights_only=True), None))
+        # every rank reads the same file rank 0 picks (last.pt, else prev.pt), without taking the lock
+        ck, path = (run or RunDir(run_dir, None)).load_checkpoint(say=say)
         if bad := _resume_mismatch(ck, identity):
             raise SystemExit(f"--resume: {run_dir} holds a run of another configuration ({'; '.join(bad)}); "
                              "use the original flags, or --overwrite to start afresh")
@@ -173,7 +184,7 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         step = int(ck["step"])
-        say(f"resumed from {path or run_dir}: step {step} of {s.steps}")
+        say(f"resumed from {path}: step {step} of {s.steps}")
 
     per_rank = s.batch_size // world
     loader = build_loader(train_index, "train", batch_size=per_rank, backend=s.loader, output="float", mean=HALF,
@@ -206,34 +217,23 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
         if rank == 0:
             run.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                  "scaler": scaler.state_dict(), "step": at, "identity": identity})
-        barrier()
+        sync()
 
     stop = {"signal": None}
     old = {sig: signal.signal(sig, lambda n, f: stop.update(signal=n)) for sig in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=s.steps, initial=step, unit="step", disable=not (s.progress and rank == 0), dynamic_ncols=True)
-    window: dict = {"n": 0, "loss": 0.0, "mse": 0.0, "vb": 0.0, **{f"q{i}": [0.0, 0] for i in range(4)}}
+    window = LossWindow(T)
     timed, timed_s, t_start = 0, 0.0, time.perf_counter()
     try:
         while step < s.steps:
             loader.set_epoch(epoch)
             for batch in loader:
                 t0 = time.perf_counter()
-                x0 = batch["clean"].float()
-                t, noise = sample_t_noise(s.seed, step, batch["index"].cpu(), tuple(x0.shape[1:]), T)
-                t, noise = t.to(device), noise.to(device)
                 torch.manual_seed((s.seed * 1_000_003 + step) * 4099 + rank)  # dropout, if the config has any
-                x_t = tables("sqrt_abar", t) * x0 + tables("sqrt_1m_abar", t) * noise
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    model_out = net(x_t, schedule.model_timesteps(t))
-                terms = hybrid_loss(model_out.float(), x0, x_t, noise, t, tables)
+                terms, t = diffusion_forward(net, batch["clean"].float(), batch["index"], s.seed, step, tables,
+                                             amp_dtype)
                 loss = terms["loss"].mean()
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                ema_update(ema, model, s.ema_rate)
+                grad_norm = optimizer_step(loss, model, ema, opt, scaler, s.grad_clip, s.ema_rate)
                 loss_val = loss.item()
                 if not math.isfinite(loss_val):
                     raise SystemExit(f"loss is {loss_val} at step {step}: lower --lr or check the data")
@@ -241,30 +241,20 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
                 dt = time.perf_counter() - t0
                 if step > 2:  # allocator / first-call warm-up excluded
                     timed, timed_s = timed + 1, timed_s + dt
-                window["n"] += len(t)
-                for k in ("loss", "mse", "vb"):
-                    window[k] += terms[k].sum().item() if k in terms else 0.0
-                for q, (tot, cnt) in quarter_means(t, terms["loss"].detach(), T).items():
-                    window[q][0] += tot
-                    window[q][1] += cnt
+                window.add(terms, t)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.4f}")
                 if step % s.log_every == 0 or step == s.steps:
-                    n = window.pop("n")
-                    rec = {k: v / n for k, v in window.items() if not k.startswith("q")}
-                    rec |= {f"loss_q{i}": (window[f"q{i}"][0] / window[f"q{i}"][1] if window[f"q{i}"][1] else None)
-                            for i in range(4)}
                     steps_s = timed / timed_s if timed_s else float("nan")
                     log.write(event="step", step=step, grad_norm=float(grad_norm), steps_per_s=steps_s,
-                              images_per_s=steps_s * s.batch_size, **rec)
-                    window = {"n": 0, "loss": 0.0, "mse": 0.0, "vb": 0.0, **{f"q{i}": [0.0, 0] for i in range(4)}}
+                              images_per_s=steps_s * s.batch_size, **window.record())
                 if rank == 0 and (step % s.eval_every == 0 or step == s.steps):
                     rows = evaluate(step)
                     bar.write(f"step {step}: EMA one-step PSNR gain " + ", ".join(
                         f"t={r['t']} {r['gain']:+.1f} dB" for r in rows))
                 if s.stop_after_steps is not None and step == s.stop_after_steps:
                     os.kill(os.getpid(), signal.SIGTERM)
-                stopping = any_rank(stop["signal"] is not None, device)
+                stopping = any_rank(stop["signal"] is not None, device) if world > 1 else stop["signal"] is not None
                 if stopping:
                     save(step)
                     bar.close()
@@ -304,7 +294,7 @@ def _train(s, argv, cfg, out, w, run, run_dir, train_index, held_index, say) -> 
             f"{summary['images_per_s']:.1f} images/s")
         log.write(event="summary", **summary, psnr=rows)
         summary["psnr"] = rows
-    barrier()
+    sync()
     if world > 1:
         dist.destroy_process_group()
     return summary

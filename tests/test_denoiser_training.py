@@ -104,6 +104,27 @@ def test_psnr_table_closed_form():
     assert all(r["psnr_x0"] > 80 and r["gain"] > 40 for r in exact)
 
 
+def test_loss_window_means_by_quarter_of_t():
+    from diffaug_fast.denoiser_training import LossWindow
+
+    g = torch.Generator().manual_seed(0)
+    w = LossWindow(1000)
+    ts, losses = [], []
+    for _ in range(3):
+        t = torch.randint(0, 750, (5,), generator=g)  # no sample in the last quarter
+        loss = torch.rand(5, generator=g)
+        w.add({"loss": loss, "mse": loss / 2}, t)
+        ts.append(t.numpy())
+        losses.append(loss.numpy())
+    t, loss = np.concatenate(ts), np.concatenate(losses)
+    rec = w.record()
+    assert rec["loss"] == pytest.approx(loss.mean()) and rec["mse"] == pytest.approx(loss.mean() / 2) and rec["vb"] == 0
+    for i, (lo, hi) in enumerate([(0, 250), (250, 500), (500, 750)]):
+        assert rec[f"loss_q{i}"] == pytest.approx(loss[(t >= lo) & (t < hi)].mean())
+    assert rec["loss_q3"] is None
+    assert w.n == 0  # reset after a record
+
+
 # ---------------------------------------------------------------------------------------------------- training
 
 
@@ -186,6 +207,12 @@ def test_export_loads_strictly_into_guided_diffusion_and_eps_matches(full_run, t
     with torch.no_grad():
         torch.testing.assert_close(den(x, t), oracle(x, t), rtol=1e-5, atol=1e-5)
     assert any(abs(r["gain"]) > 0 for r in side["held_out_psnr"])
+    # as train/rn50.py --unet and the bank load it: the fast path, DiffAug views from the trained weights
+    fast = df.load_denoiser(out, eps_only=True, fused_norm=True)
+    assert fast.name == "custom"  # the bank reloads by name: a preset's, or "custom" (then from the sidecar)
+    images = x.clamp(-1, 1)
+    views = df.augment(images, fast, t=torch.tensor([100, 500, 900]), generator=torch.Generator().manual_seed(0))
+    assert views.shape == images.shape and -1 <= views.min() and views.max() <= 1 and views.std() > 0
 
 
 def test_resume_mid_run_gives_identical_weights(full_run, tree, tmp_path):
@@ -269,3 +296,41 @@ def test_read_only_out_folder(tree, tmp_path):
         assert "cannot write" in _one_line_exit(_argv(tree, ro / "m.pt"))
     finally:
         ro.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------------------------- the demo
+
+
+def test_demo_denoiser_is_cached_and_atomic(tmp_path, monkeypatch):
+    """A killed first training leaves neither the final folder nor its temporary one; a finished one is reused."""
+    import diffaug_fast.train_denoiser as td
+    from diffaug_fast.denoiser_training import demo_denoiser
+
+    root = tmp_path / "synthetic"
+    root.mkdir()
+    calls = []
+
+    def killed(argv, single_process=False):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(td, "main", killed)
+    with pytest.raises(KeyboardInterrupt):
+        demo_denoiser(root, steps=3, say=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
+    argv = calls[0]
+    assert argv[argv.index("--data") + 1] == str(root / "train") and argv[argv.index("--seed") + 1] == "0"
+
+    def finished(argv, single_process=False):
+        assert single_process
+        out = Path(argv[argv.index("--out") + 1])
+        out.write_bytes(b"weights")
+        out.with_suffix(".json").write_text("{}")
+
+    monkeypatch.setattr(td, "main", finished)
+    ckpt = demo_denoiser(root, steps=3, say=lambda *a: None)
+    assert ckpt.read_bytes() == b"weights" and ckpt.parent.parent == tmp_path
+    monkeypatch.setattr(td, "main", killed)  # a second call must not train again
+    assert demo_denoiser(root, steps=3, say=lambda *a: None) == ckpt
