@@ -528,7 +528,7 @@ class Trainer:
         else:
             res = evaluate_folder(self.model, self.val_index, self.classes, batch_size=self.per_rank,
                                   backend=self.s.loader, device=self.device, autocast_dtype=self.amp_dtype,
-                                  **self.geometry)
+                                  num_workers=self.s.workers, **self.geometry)
             self.say(f"epoch {epoch}: val top-1 {res['top1']:.2f}% ({res['n']} images)")
         self.log.write(event="eval", epoch=epoch, **res)
 
