@@ -7,15 +7,16 @@ JSON-lines logs and evaluation hooks. A recipe (train/rn50.py, train/vit.py) is 
         lr: float = 0.1
 
     recipe = Recipe(name="rn50", build_model=..., build_optimizer=...)
-    run(recipe, parse_settings(Settings, argv))
+    run(recipe, parse_settings(Settings, argv, __doc__, demo={...}))
 
 Hooks (all receive the :class:`Trainer`, whose attributes ``s``, ``device``, ``world``, ``classes``,
 ``steps_per_epoch``, ``say`` and, once built, ``model``/``opt``/``sched`` they may read):
 
 - ``build_model(tr) -> nn.Module`` on ``tr.device``; seeded with ``s.seed`` before the call.
-- ``build_optimizer(tr, model) -> (optimizer, scheduler or None)``; ``Recipe.schedule`` says when the
-  scheduler steps: ``"epoch"`` (``sched.step()`` after each epoch; timm: ``sched.step(epoch)``) or
-  ``"step"`` (after every update; timm: ``sched.step_update(num_updates)``).
+- ``build_optimizer(tr, model) -> (optimizer, scheduler or None)``. A torch scheduler steps after each
+  epoch (``Recipe.schedule = "epoch"``) or after every update (``"step"``). A timm scheduler is driven as
+  timm's train.py does, whatever ``schedule`` says: ``step_update(num_updates)`` after every update and
+  ``step(epoch + 1)`` after each epoch (its ``t_in_epochs`` picks which one moves the lr).
 - ``loss_fn(logits, targets) -> scalar``: applied to the clean half and the DiffAug half, summed.
   Targets are class indices [B] int64 or soft targets [B, C] float (F.cross_entropy takes both).
 - ``batch_transform(clean, aug, y, y_aug, g) -> (clean, aug, t_clean, t_aug)``: e.g. Mixup/CutMix.
@@ -519,14 +520,16 @@ class Trainer:
         barrier()
 
     def sched_step(self, where: str) -> None:
-        """Step the scheduler if it steps at ``where`` ("step" | "epoch"); timm's take the count/epoch."""
-        if self.sched is None or self.recipe.schedule != where:
+        """After an update (``where="step"``) or an epoch ("epoch"): torch schedulers step where the recipe
+        says; timm schedulers get both calls, with the update count / the next epoch index, as in timm."""
+        if self.sched is None:
             return
-        if where == "step" and hasattr(self.sched, "step_update"):
-            self.sched.step_update(self.total_steps)
-        elif where == "epoch" and hasattr(self.sched, "step_update"):
-            self.sched.step(self.epoch)
-        else:
+        if hasattr(self.sched, "step_update"):  # timm.scheduler.Scheduler
+            if where == "step":
+                self.sched.step_update(self.total_steps)
+            else:
+                self.sched.step(self.epoch)
+        elif self.recipe.schedule == where:
             self.sched.step()
 
     def evaluate(self, epoch: int) -> None:
@@ -536,7 +539,7 @@ class Trainer:
         else:
             res = evaluate_folder(self.model, self.val_index, self.classes, batch_size=self.per_rank,
                                   backend=self.s.loader, device=self.device, autocast_dtype=self.amp_dtype,
-                                  **self.geometry)
+                                  num_workers=self.s.workers, **self.geometry)
             self.say(f"epoch {epoch}: val top-1 {res['top1']:.2f}% ({res['n']} images)")
         self.log.write(event="eval", epoch=epoch, **res)
 

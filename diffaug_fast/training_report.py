@@ -23,7 +23,8 @@ GRID_TS = (0, 100, 250, 500, 750, 999)
 def final_report(tr) -> dict:
     """tr: the finished :class:`diffaug_fast.training.Trainer` (rank 0)."""
     s, say, den, dev = tr.s, tr.say, tr.den, tr.device
-    common = dict(batch_size=tr.per_rank, backend=s.loader, device=dev, autocast_dtype=tr.amp_dtype, **tr.geometry)
+    common = dict(batch_size=tr.per_rank, backend=s.loader, device=dev, autocast_dtype=tr.amp_dtype,
+                  num_workers=s.workers, **tr.geometry)
     out: dict = {}
     if s.de_eval and den is not None:
         res = evaluate_folder(tr.model, tr.val_index, tr.classes, denoiser=den, timesteps=DE_TIMESTEPS, **common)
@@ -39,7 +40,7 @@ def final_report(tr) -> dict:
         out["val_c"] = table
     if s.bench_steps:
         out["bench"] = bench_steps(tr)
-    images = first_of_each_class(tr.val_index, tr.geometry, s.loader)
+    images = first_of_each_class(tr.val_index, dict(tr.geometry, num_workers=s.workers), s.loader)
     if images is not None and den is not None:
         g = torch.Generator(device=dev).manual_seed(s.seed)
         unit = to_unit(images.to(dev), IMAGENET_MEAN, IMAGENET_STD)

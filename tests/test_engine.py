@@ -182,8 +182,16 @@ def _tiny(tr):
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, len(tr.classes))).to(tr.device)
 
 
-def test_per_step_schedule_and_batch_transform(data, tmp_path):
-    """A recipe with a per-step LR schedule and a Mixup-style batch transform with soft targets."""
+def _timm_cosine(o):
+    from timm.scheduler import CosineLRScheduler
+
+    return CosineLRScheduler(o, t_initial=6, warmup_t=2, warmup_lr_init=0.01, lr_min=0.001, t_in_epochs=False)
+
+
+@pytest.mark.parametrize("kind", ["torch", "timm"])
+def test_per_step_schedule_and_batch_transform(data, tmp_path, kind):
+    """A recipe with a per-step LR schedule (torch's, or timm's cosine with warm-up driven by update count)
+    and a Mixup-style batch transform with soft targets."""
     seen = []
 
     def mix(clean, aug, y, y_aug, g):  # mix each half with its flip; soft targets mixed the same way
@@ -195,7 +203,8 @@ def test_per_step_schedule_and_batch_transform(data, tmp_path):
 
     def opt(tr, model):
         o = torch.optim.SGD(model.parameters(), lr=0.1)
-        return o, torch.optim.lr_scheduler.LambdaLR(o, lambda n: 1.0 / (1 + n))
+        return o, (torch.optim.lr_scheduler.LambdaLR(o, lambda n: 1.0 / (1 + n)) if kind == "torch"
+                   else _timm_cosine(o))
 
     s = EngineSettings(data=str(data), out=str(tmp_path), run_name="h", epochs=2, batch_size=8, image_size=32,
                        resize_size=36, unet_preset="adm-tiny", loader="torch", workers=0, progress=False,
@@ -203,8 +212,14 @@ def test_per_step_schedule_and_batch_transform(data, tmp_path):
     run(Recipe(name="t", build_model=_tiny, build_optimizer=opt, schedule="step", batch_transform=mix), s)
     steps = [r for r in _log(tmp_path / "h") if r["event"] == "step"]
     assert len(steps) == 6 and set(seen) == {(8, 4)}
-    # the lr logged after update n (counted from 1) is the lambda's value at n
-    assert [r["lr"] for r in steps] == pytest.approx([0.1 / (1 + n) for n in range(1, 7)])
+    # the lr logged after update n (counted from 1) is the schedule's value at n
+    if kind == "torch":
+        want = [0.1 / (1 + n) for n in range(1, 7)]
+    else:
+        ref = _timm_cosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+        want = [ref._get_lr(n)[0] for n in range(1, 7)]
+        assert want[0] < want[1] > want[-1]  # warm-up, then the cosine decay
+    assert [r["lr"] for r in steps] == pytest.approx(want)
 
 
 def test_batch_transform_targets_reach_the_loss():

@@ -49,18 +49,20 @@ def _launch(data, out, fault=None, resume=False):
 
 def kill_points(rng: np.random.Generator, n: int) -> list[str]:
     """n distinct fault points in the order the run reaches them: steps 1..18, and per epoch E the checkpoint
-    write (before or mid-write, drawn) and the evaluation after it."""
+    write (odd E: after last.pt moved to prev.pt; even E: half-way through writing the new one) and the
+    evaluation after it."""
     events = [((k, 0), f"step:{k}") for k in range(1, EPOCHS * STEPS_PER_EPOCH + 1)]
     for e in range(1, EPOCHS + 1):
-        events.append(((e * STEPS_PER_EPOCH, 1), f"{rng.choice(['save', 'save-mid'])}:{e}"))
+        events.append(((e * STEPS_PER_EPOCH, 1), f"{('save-mid', 'save')[e % 2]}:{e}"))
         events.append(((e * STEPS_PER_EPOCH, 2), f"eval:{e}"))
+    events.sort()
     chosen = sorted(rng.choice(len(events), size=n, replace=False))
     return [events[i][1] for i in chosen]
 
 
 def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(data, tmp_path):
     points = kill_points(np.random.default_rng(2024), KILLS)
-    assert {p.split(":")[0] for p in points} >= {"step", "eval"} and any(p.startswith("save") for p in points)
+    assert {p.split(":")[0] for p in points} == {"step", "save", "save-mid", "eval"}
     ref = _launch(data, tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "cut"
@@ -68,8 +70,8 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(data, tmp_
         res = _launch(data, out, fault=point, resume=i > 0)
         assert res.returncode == -signal.SIGKILL, (point, res.returncode, res.stdout[-2000:], res.stderr[-3000:])
         assert "Traceback" not in res.stderr, (point, res.stderr[-3000:])
-        if i > 0:
-            assert "resumed from" in res.stdout, (point, res.stdout[-2000:])
+        if i > 0:  # killed before the first checkpoint: --resume starts over, later ones continue
+            assert "resumed from" in res.stdout or "has no checkpoint yet" in res.stdout, (point, res.stdout[-2000:])
     final = _launch(data, out, resume=True)
     assert final.returncode == 0, final.stderr[-3000:]
     a = torch.load(tmp_path / "ref" / "r" / "last.pt", weights_only=True)
