@@ -126,7 +126,8 @@ def test_bound_unet_forward(benchmark, setup):
 def report(request):
     """After the module: the comparison, printed in pytest's terminal summary (bench/conftest.py)."""
     yield
-    if len(RESULTS) < 4:
+    vit_report(request.config.bench_report)
+    if not {"baseline", "diffaug", "bank", "unet"} <= RESULTS.keys():
         return
     bound = RESULTS["unet"] + 2 * RESULTS["baseline"]
     ratio = RESULTS["diffaug"] / bound
@@ -142,4 +143,78 @@ def report(request):
         f"  images through the classifier per second: baseline {classifier['baseline']:.2f}, bank mode "
         f"{classifier['bank']:.2f} ({classifier['bank'] / classifier['baseline']:.2f}x, goal >= 0.95), "
         f"online {classifier['diffaug']:.2f} ({classifier['diffaug'] / classifier['baseline']:.2f}x)",
+    ])
+
+
+# ------------------------------------------------------------------------------------------------ ViT (issue 13)
+# The DeiT-III finetune recipe's step (train/vit.py): timm ViT-S/16 with LayerScale at 224 (ViT-B/16 is ~4x
+# the FLOPs: too slow for a CPU bench), AdamW with timm's groups, Mixup/CutMix over both halves, soft-target
+# CE; same B, size and UNet (adm-small) as above, so the UNet forward measured above is its bound's UNet term.
+
+VIT_ARCH = "deit3_small_patch16_224"
+
+
+def _load_vit():
+    spec = importlib.util.spec_from_file_location("vit_train", REPO / "train" / "vit.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["vit_train"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def vit_setup(setup):
+    from diffaug_fast.training import Recipe
+
+    vit = _load_vit()
+    torch.manual_seed(0)
+    model = vit.create_vit(VIT_ARCH, 1000, img_size=SIZE, drop_path=0.2)
+    opt = vit.create_optimizer(model, 1e-5, 0.1)
+    s = vit.Settings(data="-")
+    recipe = Recipe(name="vit", build_model=None, build_optimizer=None, loss_fn=vit.soft_cross_entropy,
+                    batch_transform=vit.make_batch_transform(s, 1000))
+    return vit, model, opt, recipe
+
+
+def _vit_step(setup, vit_setup, den, fraction, bank=False):
+    from diffaug_fast.training import train_step
+
+    _, _, scaler, _, batch, buf = setup
+    vit, model, opt, recipe = vit_setup
+    s = vit.Settings(data="-", diffaug_fraction=fraction)
+    g = torch.Generator().manual_seed(1)
+    batch = batch if bank else _without_bank(batch)
+    return lambda: train_step(model, opt, scaler, batch, den, s, g, buf, torch.device("cpu"), AMP, recipe)[0].item()
+
+
+def test_vit_baseline_step(benchmark, setup, vit_setup):
+    benchmark.pedantic(_vit_step(setup, vit_setup, None, 0.0), rounds=3, warmup_rounds=1)
+    _record(benchmark, "vit_baseline", B)
+
+
+def test_vit_diffaug_online_step(benchmark, setup, vit_setup):
+    benchmark.pedantic(_vit_step(setup, vit_setup, setup[3], 1.0), rounds=3, warmup_rounds=1)
+    _record(benchmark, "vit_diffaug", B)
+
+
+def test_vit_bank_mode_step(benchmark, setup, vit_setup):
+    benchmark.pedantic(_vit_step(setup, vit_setup, None, 0.0, bank=True), rounds=3, warmup_rounds=1)
+    _record(benchmark, "vit_bank", 2 * B)
+
+
+def vit_report(lines: list[str]) -> None:
+    if not {"vit_baseline", "vit_diffaug", "vit_bank", "unet"} <= RESULTS.keys():
+        return
+    base, online, bank, unet = (RESULTS[k] for k in ("vit_baseline", "vit_diffaug", "vit_bank", "unet"))
+    bound = unet + 2 * base
+    lines.extend([
+        f"ViT train step (train/vit.py recipe), B={B} clean images at {SIZE}x{SIZE}, timm {VIT_ARCH} "
+        f"{AMP or torch.float32}, AdamW, Mixup/CutMix on both halves, UNet adm-small, {time.ctime()}",
+        f"  baseline        {B / base:7.2f} img/s  ({base:.2f} s/step)",
+        f"  DiffAug online  {B / online:7.2f} img/s  ({online:.2f} s/step)",
+        f"  bound: UNet {unet:.2f} s + 2 x classifier step {base:.2f} s = {bound:.2f} s",
+        f"  DiffAug step / bound = {online / bound:.3f} (goal <= 1.15)",
+        f"  images through the classifier per second: baseline {B / base:.2f}, bank mode {2 * B / bank:.2f} "
+        f"({(2 * B / bank) / (B / base):.2f}x, goal >= 0.95), online {2 * B / online:.2f} "
+        f"({(2 * B / online) / (B / base):.2f}x)",
     ])

@@ -28,6 +28,10 @@ Hooks (all receive the :class:`Trainer`, whose attributes ``s``, ``device``, ``w
 - ``init_state(tr)``: fresh runs only, after model and optimizer exist (``--init`` weights/optimizer).
 - ``evaluate(tr, epoch) -> dict`` (default: plain top-1 on val/), ``final_report(tr) -> dict`` (default:
   DiffAug Ensemble, ImageNet-C, step timing, the picture of the views).
+- ``clean_transform``: ``fn(pil_image, seed) -> pil_image`` run by the loader on each clean train view after
+  crop and flip (RandAugment); the seed comes from (seed, epoch, image), so resume replays it. Torch loader only.
+- ``model_settings(tr) -> dict``: entries merged into the checkpoint's ``settings`` (e.g. ``arch``,
+  ``model_source``, ``model_kwargs``: what train/eval.py needs to rebuild a timm model).
 """
 
 from __future__ import annotations
@@ -146,6 +150,8 @@ class Recipe:
     evaluate: Callable[[Trainer, int], dict] | None = None
     final_report: Callable[[Trainer], dict] | None = None
     describe: Callable[[Trainer], list[str]] | None = None  # extra lines printed at the start
+    clean_transform: Callable | None = None  # fn(pil_image, seed) on the clean train view (torch loader only)
+    model_settings: Callable[[Trainer], dict] | None = None  # added to the checkpoint's settings (for eval.py)
 
 
 DEFAULT_RECIPE_HOOKS = Recipe(name="default", build_model=None, build_optimizer=None)  # type: ignore[arg-type]
@@ -376,7 +382,7 @@ class Trainer:
                                    output="float", channels_last=s.channels_last, shard_id=self.rank,
                                    num_shards=self.size, seed=s.seed, num_workers=s.workers, drop_last=s.drop_last,
                                    device=self.device if self.device.type == "cuda" else None, extra_views=extra,
-                                   **self.geometry)
+                                   clean_transform=self.recipe.clean_transform, **self.geometry)
         self.steps_per_epoch = len(self.loader)
         n = len(self.train_index)
         if s.epochs is None:  # a step budget (finetune recipes): as many epochs as --max-steps needs
@@ -479,6 +485,8 @@ class Trainer:
             "loader_backend": self.loader.backend, "num_classes": len(self.classes), "steps_per_epoch":
             self.steps_per_epoch, "unet_name": den.name if den else None, "resumed": s.resume, "sync_bn_active":
             self.sync_bn, "lr_effective": self.opt.param_groups[0]["lr"] if not s.resume else None}
+        if self.recipe.model_settings is not None:
+            self.settings |= self.recipe.model_settings(self)
         extra = self.recipe.describe(self) if self.recipe.describe else []
         self.log.write(event="settings", **self.settings, notes=extra)
         say(f"data {self.root} ({len(self.train_index.files)} train / {len(self.val_index.files)} val images, "

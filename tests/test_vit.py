@@ -207,6 +207,9 @@ def test_resume_is_bit_identical_and_lr_follows_timm_cosine(data, tmp_path):
     st = a["settings"]
     assert st["model_source"] == "timm" and st["arch"] == "deit3_small_patch16_224"
     assert st["model_kwargs"] == {"img_size": 32, **TINY} and len(a["classes"]) == 4
+    import timm
+
+    timm.create_model(st["arch"], num_classes=len(a["classes"]), **st["model_kwargs"]).load_state_dict(a["model"])
 
     # the lr logged after update n is timm's cosine with linear warm-up at n (per update: 3 per epoch)
     recs = [json.loads(line) for line in (tmp_path / "full" / "r" / "log.jsonl").read_text().splitlines()]
