@@ -131,10 +131,14 @@ _MANIFEST_KEYS = ("format_version", "views", "num_images", "shards", "image_size
 ON_BAD = ("error", "online")
 
 
-def _read_json(path: Path, what: str) -> tuple[object, str | None]:
-    """(parsed JSON, None) or (None, a one-line problem naming the file)."""
+def _read_json(path: Path, what: str, sha256: str | None = None) -> tuple[object, str | None]:
+    """(parsed JSON, None) or (None, a one-line problem naming the file); with ``sha256``, the file's bytes
+    must also hash to it."""
     try:
-        return json.loads(path.read_bytes()), None
+        raw = path.read_bytes()
+        if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+            return None, f"{what} {path.name} was modified after the build (sha256 differs from the manifest)"
+        return json.loads(raw), None
     except FileNotFoundError:
         return None, f"{what} {path.name} is missing"
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -168,10 +172,7 @@ def _open_bank(root: Path) -> tuple[dict | None, dict, list[Path], list[str]]:
         if size is not None and size != rec["bytes"]:
             kind = "truncated" if size < rec["bytes"] else "longer than recorded"
             problems.append(f"shard {rec['tar']} is {kind}: {size} bytes, the manifest records {rec['bytes']}")
-        ipath = root / "shards" / rec["index"]
-        index, err = _read_json(ipath, "shard index")
-        if err is None and rec.get("index_sha256") not in (None, hashlib.sha256(ipath.read_bytes()).hexdigest()):
-            err = f"shard index {rec['index']} was modified after the build (sha256 differs from the manifest)"
+        index, err = _read_json(root / "shards" / rec["index"], "shard index", rec.get("index_sha256"))
         if err is not None:
             problems.append(err)
             continue
@@ -731,7 +732,7 @@ def _check_shard_views(path: Path, rec: dict, views: list[tuple[tuple[int, int],
 
 
 def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = True, loader: str = "auto",
-                seed: int = 0) -> dict:
+                seed: int = 0, repair: bool = False) -> dict:
     """Every check there is, all problems in one list: manifest and shard indexes readable, every shard
     present with its size and sha256, every view's crc32 and tar header (catches swapped index offsets
     without sampling), coverage (every image has K views), then a sample of views recomputed and compared.
@@ -740,6 +741,9 @@ def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = T
     Each sampled view is recomputed in its build batch with the build's thread count, on the CPU: lossless
     banks built on a CPU must match exactly, JPEG banks must reach PSNR >= 40 dB (a bank built on a GPU is
     held to the 40 dB bound either way: other kernels round differently).
+
+    repair: delete every damaged shard (tar and index) and manifest.json, so that rerunning the build
+    command with its original settings rebuilds exactly those shards (the error says which were removed).
     """
     root = Path(root)
     man, members, paths, problems = _open_bank(root)
@@ -748,9 +752,22 @@ def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = T
     by_shard: dict[int, list] = {}
     for key, m in members.items():
         by_shard.setdefault(m.shard, []).append((key, m))
+    damaged = []
     for s, (rec, path) in enumerate(zip(man["shards"], paths)):
-        if path.is_file() and path.stat().st_size == rec["bytes"]:  # a missing or truncated one is reported
-            problems += _check_shard_views(path, rec, sorted(by_shard.get(s, [])))
+        if not (path.is_file() and path.stat().st_size == rec["bytes"]) or s not in by_shard:
+            damaged.append(rec)  # missing, truncated, or its index unreadable: reported by _open_bank
+            continue
+        found = _check_shard_views(path, rec, sorted(by_shard[s]))
+        if found:
+            damaged.append(rec)
+            problems += found
+    if repair and damaged:
+        for rec in damaged:
+            for name in (rec["tar"], rec["index"]):
+                (root / "shards" / name).unlink(missing_ok=True)
+        (root / "manifest.json").unlink(missing_ok=True)
+        problems.append(f"repair: removed {len(damaged)} damaged shard(s) ({', '.join(r['tar'] for r in damaged)}) "
+                        "and manifest.json; rerun the build command with its original settings to rebuild them")
     views = int(man["views"])
     missing = [(i, v) for i in range(int(man["num_images"])) for v in range(views) if (i, v) not in members]
     if missing:
@@ -855,6 +872,8 @@ def main(argv: list[str] | None = None):
     v.add_argument("--sample", type=int, default=4)
     v.add_argument("--no-recompute", action="store_true")
     v.add_argument("--loader", default="auto")
+    v.add_argument("--repair", action="store_true",
+                   help="delete damaged shards and the manifest; rerunning the build command then rebuilds them")
     a = p.parse_args(argv)
     if a.cmd == "build":
         if a.views < 1:
@@ -863,7 +882,7 @@ def main(argv: list[str] | None = None):
             raise SystemExit("--quality must lie in 1..100")
         return build_bank(a)
     try:
-        res = verify_bank(a.bank, sample=a.sample, recompute=not a.no_recompute, loader=a.loader)
+        res = verify_bank(a.bank, sample=a.sample, recompute=not a.no_recompute, loader=a.loader, repair=a.repair)
     except BankError as e:
         raise SystemExit(f"verify failed: {e}") from None
     print(json.dumps(res, indent=1))
