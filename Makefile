@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.diffaug-setup
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench gpu-check lint clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,13 @@ demo: setup
 bench: setup
 	$(BIN)/python -m pytest bench/ --benchmark-only
 
+# The suite's GPU cases and the GPU benchmarks, then one summary block (compass figures beside their goals).
+# Exit 0: all ran, tests passed; 1: a test or step failed. Without a CUDA GPU: one line, exit 0.
+gpu-check: setup
+	$(BIN)/python bench/gpu_check.py
+
 lint: setup
 	$(BIN)/ruff check diffaug_fast tests bench train
 
 clean:
-	rm -rf build *.egg-info demo_out .pytest_cache .benchmarks
+	rm -rf build *.egg-info demo_out .pytest_cache .benchmarks gpu_check_out
