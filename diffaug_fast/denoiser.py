@@ -9,8 +9,8 @@ cache, not twice its size in private memory.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import json
+import mmap
 import os
 import pickle
 import time
