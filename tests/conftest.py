@@ -74,11 +74,6 @@ def backend_on(name: str, device: torch.device) -> str:
     return name
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the GPU (so a timing or an error belongs to the call that caused it); no-op on CPU."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
 
 def oracle_model_and_diffusion(cfg: UNetConfig):
     """OpenAI's UNetModel + SpacedDiffusion configured like ``cfg`` (the independent reference)."""
