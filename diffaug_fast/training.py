@@ -304,6 +304,30 @@ def train_step(model, opt, scaler, batch: dict, den, s, g: torch.Generator, buf:
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
+class _Throughput:
+    """img/s over every image the classifier trains on (clean + extra + DiffAug views), and clean img/s;
+    the first ``warmup`` steps (compile, allocator) are left out."""
+
+    def __init__(self, world: int, warmup: int = 2):
+        self.world, self.warmup = world, warmup
+        self.images = self.clean = 0
+        self.seconds = 0.0
+
+    def add(self, step: int, images: int, clean: int, seconds: float) -> None:
+        if step > self.warmup:
+            self.images += images * self.world
+            self.clean += clean * self.world
+            self.seconds += seconds
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
+
+    @property
+    def clean_rate(self) -> float:
+        return self.clean / self.seconds if self.seconds else float("nan")
+
+
 class Trainer:
     """One run of a recipe: ``Trainer(recipe, settings).run() -> summary dict`` (see the module docstring)."""
 
@@ -553,14 +577,11 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        s, say, dev = self.s, self.say, self.device
+        """Train from the restored position to --epochs / --max-steps, then evaluate and report."""
+        s = self.s
         stop = {"signal": None}
-
-        def on_signal(signum, frame):
-            stop["signal"] = signum
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+        signal.signal(signal.SIGINT, lambda signum, frame: stop.update(signal=signum))
         # a resumed run whose training is done but whose evaluation/report was cut short just finishes those
         trained = self.epoch >= s.epochs or (s.max_steps is not None and self.total_steps >= s.max_steps)
         if trained and broadcast_object(self.is_main and any(r.get("event") == "summary"
@@ -570,61 +591,16 @@ class Trainer:
         if self._eval_pending():
             self.evaluate(self.epoch)
         barrier()
-        n_views = 2 + self.recipe.num_extra_views
-        buf = torch.empty(n_views * self.per_rank, 3, s.image_size, s.image_size, device=dev,
+        buf = torch.empty((2 + self.recipe.num_extra_views) * self.per_rank, 3, s.image_size, s.image_size,
+                          device=self.device,
                           memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
-        # img/s counts every image the classifier trains on (clean + DiffAug views); clean img/s is also reported
-        timed_images, timed_clean, timed_seconds, warmup = 0, 0, 0.0, 2
+        meter = _Throughput(self.size)
         start_epoch, start_pos = self.epoch, self.position
-        rate = float("nan")
         for epoch in range(start_epoch, start_epoch if trained else s.epochs):
-            self.epoch = epoch
-            self.net.train()
-            self.loader.set_epoch(epoch)
-            pos = start_pos if epoch == start_epoch else 0
-            if pos:
-                self.loader.load_state_dict({"epoch": epoch, "position": pos})
-            bar = tqdm(total=self.steps_per_epoch, initial=pos, desc=f"epoch {epoch + 1}/{s.epochs}", unit="step",
-                       disable=not (s.progress and self.is_main), dynamic_ncols=True)
-            step = pos - 1  # (a run stopped after an epoch's last step resumes with nothing left in it)
-            for step, batch in enumerate(self.loader, start=pos):
-                t0 = time.perf_counter()
-                g = step_generator(s, epoch, step, self.rank, dev)
-                seed_global_rngs(g)
-                loss, n_img = train_step(self.net, self.opt, self.scaler, batch, self.den, s, g, buf, dev,
-                                         self.amp_dtype, self.recipe, fault_step=self.total_steps + 1)
-                loss_val = loss.item()  # syncs: the timing below covers the whole step
-                dt = time.perf_counter() - t0
-                self.total_steps += 1
-                self.sched_step("step")
-                if self.total_steps > warmup:  # exclude compile / allocator warm-up
-                    timed_images += n_img * self.size
-                    timed_clean += batch["clean"].shape[0] * self.size
-                    timed_seconds += dt
-                if not math.isfinite(loss_val):
-                    raise SystemExit(f"loss is {loss_val} at epoch {epoch} step {step}: lower --lr or check the data")
-                rate = timed_images / timed_seconds if timed_seconds else float("nan")
-                bar.set_postfix(loss=f"{loss_val:.3f}", img_s=f"{rate:.1f}")
-                bar.update(1)
-                if step % s.log_every == 0:
-                    self.log.write(event="step", epoch=epoch, step=step, loss=loss_val,
-                                   lr=self.opt.param_groups[0]["lr"], img_per_s=rate, images_in_batch=n_img)
-                if s.stop_after_steps is not None and self.total_steps == s.stop_after_steps:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                if any_rank(stop["signal"] is not None, dev):  # every rank stops at the same step
-                    bar.close()
-                    self.save(epoch, step + 1)
-                    say(f"\ninterrupted: checkpoint saved at epoch {epoch}, step {step + 1}; continue with --resume")
-                    self.log.write(event="interrupted", epoch=epoch, position=step + 1)
-                    if self.size > 1:
-                        dist.destroy_process_group()
-                    sys.exit(128 + (stop["signal"] or signal.SIGTERM))
-                if s.max_steps is not None and self.total_steps >= s.max_steps:
-                    break
-            bar.close()
+            end = self._train_epoch(epoch, start_pos if epoch == start_epoch else 0, buf, stop, meter)
             done = s.max_steps is not None and self.total_steps >= s.max_steps
-            if done and step + 1 < self.steps_per_epoch:  # --max-steps ends the run inside an epoch
-                self.save(epoch, step + 1)
+            if end < self.steps_per_epoch:  # --max-steps ends the run inside an epoch
+                self.save(epoch, end)
                 break
             self.epoch = epoch + 1
             self.sched_step("epoch")
@@ -634,15 +610,59 @@ class Trainer:
             barrier()
             if done:
                 break
-
         if self.total_steps == 0:
             raise SystemExit(f"trained 0 steps: --epochs {s.epochs} leaves nothing to do")
-        rate = timed_images / timed_seconds if timed_seconds else float("nan")
-        clean_rate = timed_clean / timed_seconds if timed_seconds else float("nan")
-        summary: dict = {"img_per_s": rate, "clean_img_per_s": clean_rate, "steps": self.total_steps,
+        return self._finish(meter)
+
+    def _train_epoch(self, epoch: int, pos: int, buf: torch.Tensor, stop: dict, meter: _Throughput) -> int:
+        """Steps ``pos``.. of ``epoch`` (until its end or --max-steps); returns the position reached. A stop
+        signal on any rank saves the position and exits on every rank at the same step."""
+        s, dev = self.s, self.device
+        self.epoch = epoch
+        self.net.train()
+        self.loader.set_epoch(epoch)
+        if pos:
+            self.loader.load_state_dict({"epoch": epoch, "position": pos})
+        bar = tqdm(total=self.steps_per_epoch, initial=pos, desc=f"epoch {epoch + 1}/{s.epochs}", unit="step",
+                   disable=not (s.progress and self.is_main), dynamic_ncols=True)
+        for step, batch in enumerate(self.loader, start=pos):
+            t0 = time.perf_counter()
+            g = step_generator(s, epoch, step, self.rank, dev)
+            seed_global_rngs(g)
+            loss, n_img = train_step(self.net, self.opt, self.scaler, batch, self.den, s, g, buf, dev, self.amp_dtype,
+                                     self.recipe, fault_step=self.total_steps + 1)
+            loss_val = loss.item()  # syncs: the timing below covers the whole step
+            self.total_steps += 1
+            meter.add(self.total_steps, n_img, batch["clean"].shape[0], time.perf_counter() - t0)
+            self.sched_step("step")
+            if not math.isfinite(loss_val):
+                raise SystemExit(f"loss is {loss_val} at epoch {epoch} step {step}: lower --lr or check the data")
+            bar.set_postfix(loss=f"{loss_val:.3f}", img_s=f"{meter.rate:.1f}")
+            bar.update(1)
+            if step % s.log_every == 0:
+                self.log.write(event="step", epoch=epoch, step=step, loss=loss_val, lr=self.opt.param_groups[0]["lr"],
+                               img_per_s=meter.rate, images_in_batch=n_img)
+            if s.stop_after_steps is not None and self.total_steps == s.stop_after_steps:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if any_rank(stop["signal"] is not None, dev):  # every rank stops at the same step
+                bar.close()
+                self.save(epoch, step + 1)
+                self.say(f"\ninterrupted: checkpoint saved at epoch {epoch}, step {step + 1}; continue with --resume")
+                self.log.write(event="interrupted", epoch=epoch, position=step + 1)
+                if self.size > 1:
+                    dist.destroy_process_group()
+                sys.exit(128 + (stop["signal"] or signal.SIGTERM))
+            if s.max_steps is not None and self.total_steps >= s.max_steps:
+                bar.close()
+                return step + 1
+        bar.close()
+        return self.steps_per_epoch
+
+    def _finish(self, meter: _Throughput) -> dict:
+        summary: dict = {"img_per_s": meter.rate, "clean_img_per_s": meter.clean_rate, "steps": self.total_steps,
                          "run_dir": str(self.run_dir)}
-        say(f"trained {self.total_steps} steps; measured {rate:.1f} img/s through the classifier (clean + DiffAug "
-            f"views), {clean_rate:.1f} clean img/s; warm-up and evaluation excluded")
+        self.say(f"trained {self.total_steps} steps; measured {meter.rate:.1f} img/s through the classifier (clean + "
+                 f"DiffAug views), {meter.clean_rate:.1f} clean img/s; warm-up and evaluation excluded")
         if self.is_main:
             from .training_report import final_report
 

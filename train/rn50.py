@@ -210,9 +210,15 @@ def describe(tr) -> list[str]:
     if s.augmix:
         lines.append(f"AugMix: 2 views per image {AUGMIX}, JSD consistency loss x {s.jsd_weight}")
     if s.recipe:
-        given = PRESETS[s.recipe]
-        lines.append(f"--recipe {s.recipe} sets: " + ", ".join(f"--{k.replace('_', '-')} {getattr(s, k)}"
-                                                              for k in given))
+        parts = []
+        for k, v in PRESETS[s.recipe].items():
+            flag, now = "--" + k.replace("_", "-"), getattr(s, k)
+            if k == "epochs" and v is None:
+                parts.append(f"{flag} {now} (as many as --max-steps needs)")
+            else:
+                parts.append(f"{flag} {v}" + (f" (overridden: {now})" if now != v else ""))
+        lines.append(f"--recipe {s.recipe} sets: " + ", ".join(parts)
+                     + ("; lr: the --init checkpoint's optimizer" if "lr" not in PRESETS[s.recipe] else ""))
         if s.recipe == "deepaugment-diffaug":
             lines.append("  note: the authors also train on DeepAugment's EDSR and CAE image sets (not read here); "
                          "this finetune sees ImageNet + DiffAug views")
