@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .augment import augment
-from .bank import BankError, BankReader, dataset_fingerprint, file_sha256
+from .bank import BankError, BankReader, open_for_training
 from .data import build_loader, scan_dataset
 from .denoiser import Denoiser, load_denoiser
 from .distributed import any_rank, barrier, broadcast_object, gather_objects, init_distributed
@@ -95,6 +96,7 @@ class EngineSettings:
     strict: bool = False  # refuse bad images and train class folders without images instead of warning
     diffaug: str = "online"  # off | online | bank:BANK_DIR (stored views, see python -m diffaug_fast.bank)
     diffaug_fraction: float | None = None  # online: default 1.0; bank: share of views made online, default 0
+    bank_on_bad: str = "error"  # a stored view failing its checksum: error (stop, naming it) | online (remake it)
     unet: str | None = None
     unet_preset: str | None = None
     t_min: int = 0
@@ -200,18 +202,13 @@ def load_unet(s, device: torch.device) -> Denoiser:
 
 
 def open_bank_for_training(path: str, index, train_root: Path, s) -> BankReader:
-    """The bank, refused unless it was built from exactly this training set (and this UNet, if given).
-
-    The one place the trainer opens a bank: swap in bank.open_for_training(...) here when it exists."""
+    """The bank, refused (one line naming the first differing field) unless its views were made from exactly
+    this training set (file list, labels, content), geometry, t range and UNet checkpoint (when given)."""
     try:
-        bank = BankReader(path)
-        bank.check_compatible(dataset_fingerprint(index, train_root), file_sha256(s.unet) if s.unet else None)
+        return open_for_training(path, index, train_root, unet_path=s.unet, image_size=s.image_size,
+                                 resize_size=s.resize_size, t_range=(s.t_min, s.t_max), on_bad=s.bank_on_bad)
     except (BankError, OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"--diffaug bank:{path}: {e}") from None
-    if bank.manifest["image_size"] != s.image_size:
-        raise SystemExit(f"--diffaug bank:{path}: its views are {bank.manifest['image_size']} px, "
-                         f"training uses --image-size {s.image_size}")
-    return bank
+        raise SystemExit(f"--diffaug bank:{path}: {_one_line(e)}") from None
 
 
 def _fault(kind: str, value: int) -> None:
@@ -222,6 +219,9 @@ def _fault(kind: str, value: int) -> None:
 
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
+    if text.startswith("Caught ") and "worker process" in text.splitlines()[0]:
+        # re-raised from a DataLoader worker: the message is the worker's traceback, its last line the error
+        text = text.splitlines()[-1].split(": ", 1)[-1]
     return text.splitlines()[0] if text else type(e).__name__
 
 
@@ -254,6 +254,14 @@ def diffaug_half(batch: dict, labels: torch.Tensor, den: Denoiser | None, s, g: 
         return labels
     stored = perm[k:] if perm is not None else torch.arange(b, device=device)
     out[k:b].copy_(bank.to(device, non_blocking=True).index_select(0, stored))
+    ok = batch.get("bank_ok")
+    if ok is not None and not bool(ok.all()):  # damaged stored views (--bank-on-bad online): made online instead
+        bad = (~ok.to(device)).index_select(0, stored).nonzero().squeeze(1)
+        if den is None:
+            raise RuntimeError("a damaged bank view must be made online, but no UNet is loaded")
+        fixed = augment(batch["diffaug"].to(device).index_select(0, stored.index_select(0, bad)), den,
+                        t_range=(s.t_min, s.t_max or den.num_steps), generator=g, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        out[k:b].index_copy_(0, bad, fixed.to(out.dtype))
     return labels if perm is None else labels.index_select(0, perm)
 
 
@@ -357,6 +365,8 @@ class Trainer:
             s.diffaug_fraction = 1.0 if s.diffaug == "online" else 0.0
         if not 0.0 <= s.diffaug_fraction <= 1.0:
             raise SystemExit("--diffaug-fraction must lie in [0, 1]")
+        if s.bank_on_bad not in ("error", "online"):
+            raise SystemExit(f"--bank-on-bad {s.bank_on_bad!r}: expected error or online")
         if s.resume and s.overwrite:
             raise SystemExit("--resume and --overwrite contradict each other: choose one")
 
@@ -401,7 +411,7 @@ class Trainer:
         extra = {}
         if self.bank_dir:
             self.bank = open_bank_for_training(self.bank_dir, self.train_index, root / "train", s)
-            extra["bank"] = lambda epoch, i, bank=self.bank, seed=s.seed: bank.epoch_view_bytes(seed, epoch, i)
+            extra["bank"] = functools.partial(self.bank.epoch_view_bytes, s.seed)  # picklable: loader workers
         self.loader = build_loader(self.train_index, "train", batch_size=self.per_rank, backend=s.loader,
                                    output="float", channels_last=s.channels_last, shard_id=self.rank,
                                    num_shards=self.size, seed=s.seed, num_workers=s.workers, drop_last=s.drop_last,
@@ -471,7 +481,7 @@ class Trainer:
         self.opt, self.sched = self.recipe.build_optimizer(self, model)
         self.amp_dtype = amp_dtype_for(dev, self.say) if s.amp else None
         self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
-        wants_unet = s.diffaug == "online" or (self.bank_dir and s.diffaug_fraction > 0)
+        wants_unet = s.diffaug == "online" or (self.bank_dir and (s.diffaug_fraction > 0 or s.bank_on_bad == "online"))
         self.den = load_unet(s, dev) if wants_unet else None
 
     def restore(self) -> None:
@@ -626,6 +636,9 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, initial=pos, desc=f"epoch {epoch + 1}/{s.epochs}", unit="step",
                    disable=not (s.progress and self.is_main), dynamic_ncols=True)
         for step, batch in enumerate(self.loader, start=pos):
+            if batch["label"].numel() == 0:  # every image of this batch became unreadable after the scan
+                bar.update(1)
+                continue
             t0 = time.perf_counter()
             g = step_generator(s, epoch, step, self.rank, dev)
             seed_global_rngs(g)
@@ -682,6 +695,9 @@ class Trainer:
             self.restore()
             self.announce()
             return self.fit()
+        except BankError as e:  # a damaged stored view (--bank-on-bad error): named, no traceback
+            raise SystemExit(f"--diffaug {self.s.diffaug}: {_one_line(e)}; --bank-on-bad online makes damaged "
+                             "views online instead, `python -m diffaug_fast.bank verify --repair` rebuilds them") from None
         finally:
             if getattr(self, "rundir", None) is not None:
                 self.rundir.close()  # frees the run-folder lock (in-process callers run again)

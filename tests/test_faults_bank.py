@@ -365,3 +365,37 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted(setup, tmp_pa
     assert res["checksums"] == "ok" and res["min_psnr_db"] == float("inf")  # lossless: recomputed exactly
     print(f"(shard indexes, finished) after each kill: {progress}; uninterrupted build: start "
           f"{setup['startup_s']:.1f} s, shards {setup['shards_s']:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------------- the trainer
+
+
+def _train(setup, bank: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    data = setup["data"].parent
+    cmd = [sys.executable, str(REPO / "train" / "rn50.py"), "--data", str(data), "--out", str(out), "--overwrite",
+           "--run-name", "r", "--arch", "resnet18", "--epochs", "1", "--batch-size", "4", "--image-size", "16",
+           "--resize-size", "20", "--loader", "torch", "--workers", "1", "--no-progress", "--no-de-eval",
+           "--eval-every", "9", "--diffaug", f"bank:{bank}", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+def test_trainer_refuses_mismatch_and_damaged_view_or_makes_it_online(bank_copy, setup, tmp_path):
+    """Through train/rn50.py: a bank of other geometry is refused naming the field; a view failing its checksum
+    stops training naming (shard, image, view), or with --bank-on-bad online is made online (the run trains)."""
+    res = _train(setup, setup["ref"], tmp_path, "--resize-size", "24")
+    assert res.returncode != 0 and "built with resize_size=20, training uses 24" in res.stderr
+    assert "Traceback" not in res.stderr
+    victim = 5
+    v = bk.pick_view(0, 0, victim, 2)  # the view image 5 reads in epoch 0 under the trainer's default seed 0
+    shard = _flip_view_byte(bank_copy, victim, v)
+    res = _train(setup, bank_copy, tmp_path)
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert f"shard {shard}, image {victim}, view {v}: checksum mismatch" in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    res = _train(setup, bank_copy, tmp_path, "--bank-on-bad", "online", "--unet", str(setup["unet"]))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "made online instead" in res.stderr
+    steps = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert all(r["images_in_batch"] == 8 for r in steps if r["event"] == "step")  # clean + one view each
+    assert [r["steps"] for r in steps if r["event"] == "summary"] == [2]  # both batches trained
