@@ -79,25 +79,9 @@ def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = T
     man, members, paths, problems = _open_bank(root)
     if man is None:
         raise BankError(problems[0])
-    by_shard: dict[int, list] = {}
-    for key, m in members.items():
-        by_shard.setdefault(m.shard, []).append((key, m))
-    damaged = []
-    for s, (rec, path) in enumerate(zip(man["shards"], paths)):
-        if not (path.is_file() and path.stat().st_size == rec["bytes"]) or s not in by_shard:
-            damaged.append(rec)  # missing, truncated, or its index unreadable: reported by _open_bank
-            continue
-        found = _check_shard_views(path, rec, sorted(by_shard[s]))
-        if found:
-            damaged.append(rec)
-            problems += found
+    damaged = _damaged_shards(man, members, paths, problems)
     if repair and damaged:
-        for rec in damaged:
-            for name in (rec["tar"], rec["index"]):
-                (root / "shards" / name).unlink(missing_ok=True)
-        (root / "manifest.json").unlink(missing_ok=True)
-        problems.append(f"repair: removed {len(damaged)} damaged shard(s) ({', '.join(r['tar'] for r in damaged)}) "
-                        "and manifest.json; rerun the build command with its original settings to rebuild them")
+        problems.append(_repair(root, damaged))
     views = int(man["views"])
     missing = [(i, v) for i in range(int(man["num_images"])) for v in range(views) if (i, v) not in members]
     if missing:
@@ -111,44 +95,54 @@ def verify_bank(root: str | os.PathLike, *, sample: int = 4, recompute: bool = T
     return result
 
 
-def _recompute_sample(root: Path, man: dict, result: dict, *, sample: int, loader: str, seed: int) -> list[str]:
-    from ..data import build_loader, scan_dataset
+def _damaged_shards(man: dict, members: dict, paths: list[Path], problems: list[str]) -> list[dict]:
+    """Read every shard whole (``_check_shard_views``); return the manifest records of the damaged ones
+    (missing, truncated, index unreadable, or a view that fails its checks), adding what was found to
+    ``problems`` (``_open_bank`` already reported the first three kinds)."""
+    by_shard: dict[int, list] = {}
+    for key, m in members.items():
+        by_shard.setdefault(m.shard, []).append((key, m))
+    damaged = []
+    for s, (rec, path) in enumerate(zip(man["shards"], paths)):
+        if not (path.is_file() and path.stat().st_size == rec["bytes"]) or s not in by_shard:
+            damaged.append(rec)  # missing, truncated, or its index unreadable: reported by _open_bank
+            continue
+        found = _check_shard_views(path, rec, sorted(by_shard[s]))
+        if found:
+            damaged.append(rec)
+            problems += found
+    return damaged
 
-    try:
-        index = scan_dataset(man["dataset"], progress=False)
-    except (OSError, ValueError) as e:
-        return [f"cannot scan the source dataset {man['dataset']}: {e}"]
-    if dataset_fingerprint(index, man["dataset"]) != man["dataset_fingerprint"]:
-        return [f"the dataset at {man['dataset']} changed since the bank was built (file list or labels)"]
-    try:
-        if "content_fingerprint" in man and content_fingerprint(source_digests(index.files)) != man["content_fingerprint"]:
-            return [f"the dataset at {man['dataset']} changed since the bank was built (image content)"]
-        if file_sha256(Path(man["checkpoint"])) != man["checkpoint_sha256"]:
-            return [f"the checkpoint at {man['checkpoint']} changed since the bank was built"]
-    except (OSError, BankError) as e:
-        return [f"cannot read the bank's sources: {e}"]
+
+def _repair(root: Path, damaged: list[dict]) -> str:
+    """Delete the damaged shards (tar and index) and manifest.json: rerunning the build command then
+    rebuilds exactly those. Returns the line that says so."""
+    for rec in damaged:
+        for name in (rec["tar"], rec["index"]):
+            (root / "shards" / name).unlink(missing_ok=True)
+    (root / "manifest.json").unlink(missing_ok=True)
+    return (f"repair: removed {len(damaged)} damaged shard(s) ({', '.join(r['tar'] for r in damaged)}) "
+            "and manifest.json; rerun the build command with its original settings to rebuild them")
+
+
+def _recompute_sample(root: Path, man: dict, result: dict, *, sample: int, loader: str, seed: int) -> list[str]:
+    """Recompute ``sample`` random views from the bank's sources and compare them with the stored ones;
+    records "recomputed" and "min_psnr_db" in ``result`` and returns the problems found."""
+    index, problem = _unchanged_sources(man)
+    if problem is not None:
+        return [problem]
     den = load_denoiser(man["checkpoint"], man["unet"] if man["unet"] != "custom" else None,
                         **_unet_options(man["half"], man["conv_algo"], False, torch.device("cpu"),
                                         man.get("fused_norm", False)))
     reader = BankReader(root)
     rng = np.random.default_rng(seed)
     picks = sorted({(int(rng.integers(reader.num_images)), int(rng.integers(reader.views))) for _ in range(sample)})
-    # Recompute each view inside the very batch it was built in: a conv's rounding depends on the batch
-    # size, and at t ~ 999 the x0 step multiplies eps rounding by ~157 (SPEC section 1).
     threads = torch.get_num_threads()
     torch.set_num_threads(man["build"]["threads"])
     worst, problems = [], []
     try:
         for i, v in picks:
-            ids = _build_batch_of(i, man)
-            backend = man.get("loader", "auto") if loader == "auto" else loader  # the build's own decoder
-            batch = next(iter(build_loader(index.subset(ids), "val", batch_size=len(ids), backend=backend,
-                                           output="uint8", crop_size=man["image_size"],
-                                           resize_size=man["resize_size"], num_workers=1)))
-            x = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
-            ts = torch.tensor([view_t(man["seed"], j, v, tuple(man["t_range"])) for j in ids])
-            noise = torch.cat([view_noise(view_seed(man["seed"], j, v), tuple(x[:1].shape)) for j in ids])
-            ref = _to_uint8(augment(x, den, t=ts, noise=noise))[ids.index(i)]
+            ref = _recompute_view(index, man, den, i, v, loader)
             stored = np.asarray(Image.open(io.BytesIO(reader.view_bytes(i, v))).convert("RGB"))
             p = psnr(stored, ref)
             exact = man["format"] == "png" and not man["build"]["device"].startswith("cuda")
@@ -162,3 +156,41 @@ def _recompute_sample(root: Path, man: dict, result: dict, *, sample: int, loade
     result["recomputed"] = len(picks)
     result["min_psnr_db"] = min(worst)
     return problems
+
+
+def _unchanged_sources(man: dict):
+    """(dataset index, None) when the bank's source folder and checkpoint are still what it was built
+    from, else (None or the index, one line saying what changed)."""
+    from ..data import scan_dataset
+
+    try:
+        index = scan_dataset(man["dataset"], progress=False)
+    except (OSError, ValueError) as e:
+        return None, f"cannot scan the source dataset {man['dataset']}: {e}"
+    if dataset_fingerprint(index, man["dataset"]) != man["dataset_fingerprint"]:
+        return index, f"the dataset at {man['dataset']} changed since the bank was built (file list or labels)"
+    try:
+        if "content_fingerprint" in man and content_fingerprint(source_digests(index.files)) != man["content_fingerprint"]:
+            return index, f"the dataset at {man['dataset']} changed since the bank was built (image content)"
+        if file_sha256(Path(man["checkpoint"])) != man["checkpoint_sha256"]:
+            return index, f"the checkpoint at {man['checkpoint']} changed since the bank was built"
+    except (OSError, BankError) as e:
+        return index, f"cannot read the bank's sources: {e}"
+    return index, None
+
+
+def _recompute_view(index, man: dict, den, i: int, v: int, loader: str) -> np.ndarray:
+    """View v of image i as the build made it: uint8 [H, W, 3], on the CPU."""
+    from ..data import build_loader
+
+    # Recompute each view inside the very batch it was built in: a conv's rounding depends on the batch
+    # size, and at t ~ 999 the x0 step multiplies eps rounding by ~157 (SPEC section 1).
+    ids = _build_batch_of(i, man)
+    backend = man.get("loader", "auto") if loader == "auto" else loader  # the build's own decoder
+    batch = next(iter(build_loader(index.subset(ids), "val", batch_size=len(ids), backend=backend,
+                                   output="uint8", crop_size=man["image_size"],
+                                   resize_size=man["resize_size"], num_workers=1)))
+    x = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
+    ts = torch.tensor([view_t(man["seed"], j, v, tuple(man["t_range"])) for j in ids])
+    noise = torch.cat([view_noise(view_seed(man["seed"], j, v), tuple(x[:1].shape)) for j in ids])
+    return _to_uint8(augment(x, den, t=ts, noise=noise))[ids.index(i)]
