@@ -1,0 +1,63 @@
+"""The command line: ``python -m diffaug_fast.bank build|verify ...`` (see the package docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .build import build_bank
+from .common import SHARD_IMAGES, BankError
+from .verify import verify_bank
+
+
+def main(argv: list[str] | None = None):
+    """Parse ``argv`` (default sys.argv) and build or verify; --help prints the package docstring."""
+    p = argparse.ArgumentParser(prog="python -m diffaug_fast.bank", description=sys.modules[__package__].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or resume building) a bank")
+    b.add_argument("--data", required=True, help="class-folder training set (the trainer's DATA/train)")
+    b.add_argument("--unet", required=True)
+    b.add_argument("--unet-preset", default=None)
+    b.add_argument("--views", type=int, default=4)
+    b.add_argument("--out", required=True)
+    # q98: the views carry diffusion noise, which JPEG keeps poorly; measured on DiffAug views of the sample
+    # images (64 px): min PSNR 35.8 dB at q95, 40.1 at q97, 43.1 at q98 (+32% bytes vs q95), 50.5 at q100
+    b.add_argument("--quality", type=int, default=98, help="JPEG quality (default 98: >= 40 dB PSNR)")
+    b.add_argument("--lossless", action="store_true", help="store PNG instead of JPEG")
+    b.add_argument("--t-min", type=int, default=0)
+    b.add_argument("--t-max", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--resize-size", type=int, default=256)
+    b.add_argument("--batch-size", type=int, default=32)
+    b.add_argument("--shard-images", type=int, default=SHARD_IMAGES)
+    b.add_argument("--half", action=argparse.BooleanOptionalAction, default=True,
+                   help="half-precision UNet where the device computes it natively (fp16 GPU, bf16 AMX CPU)")
+    b.add_argument("--conv-algo", choices=("direct", "winograd"), default="direct",
+                   help="float32 convolutions on CPU: winograd measured 1.76x faster on adm256 at 224")
+    b.add_argument("--compile", action="store_true", help="torch.compile the UNet (one compile per batch size)")
+    b.add_argument("--loader", default="auto")
+    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    b.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)  # tests the resume path
+    v = sub.add_parser("verify", help="checksums, coverage and recomputed samples")
+    v.add_argument("bank")
+    v.add_argument("--sample", type=int, default=4)
+    v.add_argument("--no-recompute", action="store_true")
+    v.add_argument("--loader", default="auto")
+    v.add_argument("--repair", action="store_true",
+                   help="delete damaged shards and the manifest; rerunning the build command then rebuilds them")
+    a = p.parse_args(argv)
+    if a.cmd == "build":
+        if a.views < 1:
+            raise SystemExit("--views must be >= 1")
+        if not 1 <= a.quality <= 100:
+            raise SystemExit("--quality must lie in 1..100")
+        return build_bank(a)
+    try:
+        res = verify_bank(a.bank, sample=a.sample, recompute=not a.no_recompute, loader=a.loader, repair=a.repair)
+    except BankError as e:
+        raise SystemExit(f"verify failed: {e}") from None
+    print(json.dumps(res, indent=1))
