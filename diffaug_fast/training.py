@@ -379,6 +379,12 @@ class Trainer:
             from .synthetic import make_synthetic_dataset
 
             s.data = broadcast_object(str(make_synthetic_dataset()) if self.is_main else None)
+            if not (s.unet or s.unet_preset) and (s.diffaug == "online" or s.de_eval):
+                # a denoiser trained on the demo's own images (once, cached beside them): real DiffAug views
+                from .denoiser_training import demo_denoiser
+
+                s.unet = broadcast_object(str(demo_denoiser(s.data, say=say)) if self.is_main else None)
+                self.demo_unet = True
         root = self.root = Path(s.data)
         if not root.is_dir():
             raise SystemExit(f"--data {root}: no such directory")
@@ -531,6 +537,9 @@ class Trainer:
             f", fraction {'online ' if self.bank_dir else ''}{s.diffaug_fraction}, UNet {den.name} "
             f"({'checkpoint ' + s.unet if s.unet else 'no checkpoint'}), t in [{s.t_min}, {s.t_max or den.num_steps})"
             if den else ""))
+        if getattr(self, "demo_unet", False):
+            say("  the demo's denoiser: an ADM UNet trained on the demo's training images by `python -m "
+                "diffaug_fast.train_denoiser` (command and seed in its .json); its one-step PSNR is reported at the end")
         if den is not None and not s.unet:
             say("  note: a random-weight UNet predicts eps = 0, so its 'DiffAug' is only noise; real DiffAug needs a "
                 "pretrained checkpoint: --unet 256x256_diffusion_uncond.pt")

@@ -34,10 +34,10 @@ def final_report(tr) -> dict:
     val_c = Path(s.val_c) if s.val_c else (tr.root / "val-c" if (tr.root / "val-c").is_dir() else None)
     if val_c is not None:
         table = evaluate_corruptions(tr.model, val_c, tr.classes, denoiser=den if s.de_eval else None, **common)
-        say(f"corrupted val ({val_c}):")
-        for row in table:
-            say("  " + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        say(accuracy_table(out.get("val"), table, val_c))
         out["val_c"] = table
+    if tr.demo:
+        out |= demo_extras(tr, common)
     if s.bench_steps:
         out["bench"] = bench_steps(tr)
     images = first_of_each_class(tr.val_index, dict(tr.geometry, num_workers=s.workers), s.loader)
@@ -50,6 +50,41 @@ def final_report(tr) -> dict:
                          title=f"DiffAug views, UNet {den.name}")
         say(f"wrote {path}")
         out["grid"] = str(path)
+    return out
+
+
+def accuracy_table(val: dict | None, corrupted: list[dict], val_c: Path) -> str:
+    """Plain vs DiffAug Ensemble top-1 on the clean val split and on each corrupted copy, one row each, with
+    the DE - plain difference (its sign is the direction of the effect; n is the images per row)."""
+    rows = ([("clean val", val)] if val else []) + [(f"{r['corruption']} (severity {r['severity']})", r)
+                                                     for r in corrupted]
+    de = any("top1_de" in r for _, r in rows)
+    lines = [f"top-1 (%) on val and its corrupted copies in {val_c}:",
+             f"  {'split':<28}{'plain':>8}" + (f"{'DE':>8}{'DE-plain':>10}" if de else "") + f"{'n':>6}"]
+    for name, r in rows:
+        line = f"  {name:<28}{r['top1']:>8.2f}"
+        if de:
+            line += f"{r['top1_de']:>8.2f}{r['top1_de'] - r['top1']:>+10.2f}"
+        lines.append(line + f"{r['n']:>6}")
+    return "\n".join(lines)
+
+
+def demo_extras(tr, common: dict) -> dict:
+    """The embedded demo's other tables: the denoiser's one-step PSNR, one OOD line (val vs the never-trained
+    ood/ shapes) and one certified-accuracy line (denoised smoothing, a few images, small n)."""
+    from .denoiser_training import demo_psnr_report
+    from .ood import demo_auroc_line
+    from .smoothing import demo_certify_line
+
+    s, say, out = tr.s, tr.say, {}
+    if s.unet and getattr(tr, "demo_unet", False):
+        out["psnr"] = demo_psnr_report(s.unet, tr.root, say=say)
+    geo = dict(crop_size=s.image_size, resize_size=s.resize_size, device=tr.device, num_workers=0)
+    if (tr.root / "ood").is_dir():
+        out["ood"] = demo_auroc_line(tr.model, tr.root, **geo)
+        say(out["ood"])
+    out["certify"] = demo_certify_line(tr.model, tr.root, denoiser=tr.den, **geo)
+    say(out["certify"])
     return out
 
 

@@ -59,7 +59,7 @@ class Settings(EngineSettings):
 
 
 # The embedded demo (no --data): synthetic 64 px images, 4 classes x 40; sized to train in a few minutes on 2 cores.
-DEMO = dict(epochs=10, batch_size=32, lr=0.005, image_size=48, resize_size=55, unet_preset="adm-tiny", diffaug_fraction=0.5,
+DEMO = dict(epochs=10, batch_size=32, lr=0.005, image_size=48, resize_size=55, diffaug_fraction=0.5,
             zero_init_residual=True,
             bench_steps=3)
 

@@ -69,7 +69,7 @@ class Settings(EngineSettings):
 # random init (so a higher lr than the finetune), sized to train in a few minutes on 2 cores.
 DEMO = dict(arch="deit3_small_patch16_224", model_kwargs='{"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3, "init_values": 0.1}',
             epochs=6, batch_size=32, lr=2e-3, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=1, weight_decay=0.05,
-            drop_path=0.1, image_size=48, resize_size=55, unet_preset="adm-tiny", diffaug_fraction=1.0,
+            drop_path=0.1, image_size=48, resize_size=55, diffaug_fraction=1.0,
             bench_steps=3)
 
 
