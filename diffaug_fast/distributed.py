@@ -31,6 +31,10 @@ def init_distributed() -> World:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda" and local >= torch.cuda.device_count():
+        raise SystemExit(f"process with LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} GPU(s): "
+                         "start at most one process per GPU (--nproc-per-node), or hide the GPUs "
+                         "(CUDA_VISIBLE_DEVICES=) to run CPU processes over gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if size > 1 and not dist.is_initialized():

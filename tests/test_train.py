@@ -31,7 +31,8 @@ def _args(data, out, *extra):
 
 
 def _run(cmd, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # CPU runs on every machine (the exactness and gloo cases assume them); GPU train steps: test_gpu_train.py
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600, **kw)
 
 
