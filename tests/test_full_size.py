@@ -68,7 +68,12 @@ def test_augment_224_matches_p_sample(full):
         ref = diffusion.p_sample(oracle, diffusion.q_sample(x, t, noise), t, clip_denoised=True)["pred_xstart"]
     ours = df.augment(x, den, t=t, noise=noise)
     err = (ours - ref).abs().amax(dim=(1, 2, 3))
-    assert err.max().item() <= 1e-4, f"max |diff| per t {dict(zip(t.tolist(), err.tolist()))}"
+    # float32 rounding of eps is multiplied by sqrt(1/abar_t - 1) in the x0 step (157 at t = 999): the bound
+    # scales with that gain. A flat 1e-4 held on the AVX2 machines and missed by 3% (1.03e-4 at t = 999) on an
+    # AVX-512/AMX one, whose oneDNN convolutions sum in another order.
+    gain = torch.from_numpy(den.schedule.sqrt_recipm1_alphas_cumprod).float()[t]
+    bound = 1e-6 + 2e-6 * torch.clamp(gain, min=1.0)
+    assert (err <= bound).all(), f"max |diff| per t {dict(zip(t.tolist(), err.tolist()))}, bound {bound.tolist()}"
 
 
 def test_full_checkpoint_loads_without_copying(full):
