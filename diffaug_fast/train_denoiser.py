@@ -9,7 +9,6 @@ the end and on SIGTERM/SIGINT; --resume continues bit-identically. The EMA weigh
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -51,17 +50,9 @@ HALF = (0.5, 0.5, 0.5)  # the loader's (x/255 - mean)/std with these gives [-1, 
 
 
 def parse_args(argv: list[str] | None) -> DenoiserSettings:
-    p = argparse.ArgumentParser(prog="python -m diffaug_fast.train_denoiser", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(DenoiserSettings):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-            p.add_argument(flag, type=kind, default=None)
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    return DenoiserSettings(**given)
+    from .training import given_flags
+
+    return DenoiserSettings(**given_flags(DenoiserSettings, argv, __doc__, prog="python -m diffaug_fast.train_denoiser"))
 
 
 def _check_numbers(s: DenoiserSettings) -> None:

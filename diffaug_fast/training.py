@@ -114,11 +114,10 @@ class EngineSettings:
     progress: bool = True
 
 
-def parse_settings(cls: type, argv: list[str] | None, description: str, demo: dict,
-                   presets: dict[str, dict] | None = None) -> Any:
-    """argparse over the dataclass ``cls`` (``--flag-name``, ``--x/--no-x`` for bools). Defaults under the
-    given flags: without --data the ``demo`` ones; with ``--recipe NAME`` (a field of ``cls``) ``presets[NAME]``."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def given_flags(cls: type, argv: list[str] | None, description: str, prog: str | None = None) -> dict:
+    """The flags given on the command line for the dataclass ``cls``: one ``--flag-name`` per field
+    (``--x/--no-x`` for bools, int/float/str from the annotation); flags not given are left out."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
@@ -126,7 +125,14 @@ def parse_settings(cls: type, argv: list[str] | None, description: str, demo: di
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             p.add_argument(flag, type=kind, default=None)
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+
+
+def parse_settings(cls: type, argv: list[str] | None, description: str, demo: dict,
+                   presets: dict[str, dict] | None = None) -> Any:
+    """argparse over the dataclass ``cls`` (``--flag-name``, ``--x/--no-x`` for bools). Defaults under the
+    given flags: without --data the ``demo`` ones; with ``--recipe NAME`` (a field of ``cls``) ``presets[NAME]``."""
+    given = given_flags(cls, argv, description)
     defaults = dict(demo) if given.get("data") is None else {}
     if given.get("recipe") is not None:
         if given["recipe"] not in (presets or {}):
