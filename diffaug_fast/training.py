@@ -449,7 +449,9 @@ class Trainer:
     def open_run_dir(self) -> None:
         """Lock the run folder (rank 0), refusing an existing run unless --resume / --overwrite."""
         s = self.s
-        s.run_name = s.run_name or ("demo" if self.demo else
+        # the ResNet demo is runs/demo; other recipes' demos get their own folder (each demo starts afresh in it)
+        demo_name = "demo" if self.recipe.name == "rn50" else f"demo-{self.recipe.name}"
+        s.run_name = s.run_name or (demo_name if self.demo else
                                     f"{self.recipe.name}-{s.diffaug.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
         path = Path(s.out) / s.run_name
         error = None
