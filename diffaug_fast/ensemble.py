@@ -85,10 +85,14 @@ def evaluate(
     seed: int = 0,
     **kw,
 ) -> dict[str, float]:
-    """Top-1 (%) plain and with DE over (images, labels) batches; labels index the evaluated classes."""
+    """Top-1 (%) plain and with DE over (images, labels) batches; labels index the evaluated classes.
+
+    With DE also ``top1_by_t``: {t: top-1 of the single view at t} for each of the ensemble's members (where
+    the ensemble gains or loses accuracy)."""
     model.eval()
     g = None
     correct_plain = correct_de = n = 0
+    correct_t = dict.fromkeys(timesteps, 0)
     use_de = denoiser is not None and len(timesteps) > 1
     for x, y in batches:
         if g is None:
@@ -102,12 +106,17 @@ def evaluate(
         correct_plain += (probs[0].argmax(1) == y).sum().item()
         de = probs[[i for i, t in enumerate(ts) if t in timesteps]].mean(0)
         correct_de += (de.argmax(1) == y).sum().item()
+        if use_de:
+            for i, t in enumerate(ts):
+                if t in correct_t:
+                    correct_t[t] += (probs[i].argmax(1) == y).sum().item()
         n += y.numel()
     if n == 0:
         raise ValueError("evaluation saw no images")
     res = {"n": n, "top1": 100.0 * correct_plain / n}
     if use_de:
         res["top1_de"] = 100.0 * correct_de / n
+        res["top1_by_t"] = {int(t): 100.0 * c / n for t, c in correct_t.items()}
     return res
 
 

@@ -66,6 +66,10 @@ def accuracy_table(val: dict | None, corrupted: list[dict], val_c: Path) -> str:
         if de:
             line += f"{r['top1_de']:>8.2f}{r['top1_de'] - r['top1']:>+10.2f}"
         lines.append(line + f"{r['n']:>6}")
+    by_t = (val or {}).get("top1_by_t")
+    if by_t:
+        lines.append("  DE's members on clean val, top-1 of each single view by t: "
+                     + ", ".join(f"{t}: {acc:.2f}" for t, acc in by_t.items()))
     return "\n".join(lines)
 
 

@@ -38,8 +38,8 @@ def den():
     return df.Denoiser(unet)
 
 
-def _x(b=3):
-    g = torch.Generator().manual_seed(3)
+def _x(b=3, seed=3):
+    g = torch.Generator().manual_seed(seed)
     unit = torch.rand(b, 3, 16, 16, generator=g) * 2 - 1
     return from_unit(unit, IMAGENET_MEAN, IMAGENET_STD)
 
@@ -115,3 +115,25 @@ def test_evaluate_counts(den, device):
     assert res_plain["top1"] == 0.0 and "top1_de" not in res_plain
     with pytest.raises(ValueError, match="needs a denoiser"):
         ensemble_probs(model, x, None)
+
+
+def test_evaluate_top1_by_t_counts_each_member(den):
+    """top1_by_t: each single view's top-1, over two batches, as counted from ensemble_probs with the same
+    generator stream (t = 0 is the plain prediction)."""
+    class MeanSign(torch.nn.Module):  # class 0 / 1 by the sign of the image mean: noise flips it at large t
+        def forward(self, x):
+            m = x.mean((1, 2, 3))
+            return torch.stack([m, -m, m - 9, m - 9], 1) * 100
+
+    model = MeanSign()
+    batches = [(x, model(x).argmax(1)) for x in (_x(6, seed=1), _x(5, seed=2))]  # all right at t = 0
+    ts = (0, 100, 400, 900)
+    res = evaluate(model, batches, den, timesteps=ts, seed=3)
+    g = torch.Generator().manual_seed(3)
+    correct = torch.zeros(len(ts))
+    for x, y in batches:
+        probs = ensemble_probs(model, x, den, timesteps=ts, generator=g)
+        correct += (probs.argmax(2) == y).sum(1)
+    assert res["top1_by_t"] == {t: pytest.approx(100 * c / 11) for t, c in zip(ts, correct.tolist(), strict=True)}
+    assert res["top1_by_t"][0] == res["top1"] == 100.0
+    assert res["top1_by_t"][900] < 100.0, res  # the members differ: the counts are per view
