@@ -123,3 +123,24 @@ def test_ours(benchmark, tree, backend):
         ratio = RESULTS[backend] / RESULTS["torchvision"]
         benchmark.extra_info["vs_torchvision"] = round(ratio, 2)
         print(f"{backend} / torchvision = {ratio:.2f}x (goal for dali on the 2-core box: >= 1.5x)")
+
+
+def test_epoch_start_torch(benchmark, tree):
+    """The torch backend's latency to the first batch of an epoch (a DataLoader per epoch: its worker processes
+    start each time). Forks of a forkserver that has imported torch and our loader (data.scan.worker_context):
+    0.46 s with 2 workers, decoding the batch included, where fresh interpreters importing them took 2.80 s
+    (bench/NOTES.md)."""
+    index = scan_dataset(tree, cache=False, progress=False)
+    loader = build_loader(index, "train", batch_size=BATCH, backend="torch", num_workers=WORKERS, output="uint8")
+    next(iter(loader))  # the forkserver itself starts once per process: not what each epoch pays
+
+    def first_batch():
+        loader.set_epoch(loader.epoch + 1)
+        it = iter(loader)
+        next(it)
+        del it
+
+    benchmark.pedantic(first_batch, rounds=3, iterations=1, warmup_rounds=0)
+    s = benchmark.stats.stats.mean
+    benchmark.extra_info.update(first_batch_s=round(s, 3), workers=WORKERS, load_avg=os.getloadavg()[0])
+    print(f"\ntorch loader, first batch of an epoch: {s:.3f} s ({WORKERS} workers, batch {BATCH})")
