@@ -104,12 +104,11 @@ def evaluate(
                                generator=g, **kw)
         y = y.to(probs.device)
         correct_plain += (probs[0].argmax(1) == y).sum().item()
-        de = probs[[i for i, t in enumerate(ts) if t in timesteps]].mean(0)
-        correct_de += (de.argmax(1) == y).sum().item()
-        if use_de:
-            for i, t in enumerate(ts):
-                if t in correct_t:
-                    correct_t[t] += (probs[i].argmax(1) == y).sum().item()
+        members = [i for i, t in enumerate(ts) if t in timesteps]
+        correct_de += (probs[members].mean(0).argmax(1) == y).sum().item()
+        if use_de:  # each member view alone: one count per t, one transfer per batch
+            for i, c in zip(members, (probs[members].argmax(2) == y).sum(1).tolist(), strict=True):
+                correct_t[ts[i]] += c
         n += y.numel()
     if n == 0:
         raise ValueError("evaluation saw no images")

@@ -78,6 +78,9 @@ class DatasetIndex:
             json.dump({"root": self.root, "classes": self.classes}, f, indent=1)
 
 
+_FORKSERVER_PRELOAD = ["__main__", "torch", "diffaug_fast.data.torch_loader"]
+
+
 def worker_context() -> multiprocessing.context.BaseContext:
     """Worker processes started from a clean server, never forked from this process: a fork copies the
     locks of whatever threads run here (DALI's, OpenMP's) and a worker can wait on one forever. Seen in
@@ -86,15 +89,13 @@ def worker_context() -> multiprocessing.context.BaseContext:
     The server imports torch and our loader once (beside Python's default, the main script), so each new
     worker is a fork of it instead of a fresh interpreter importing them: the torch loader's first batch of
     an epoch took 2.80 s with 2 workers, 0.46 s with the preload (bench_loader.py::test_epoch_start_torch).
-    A loader made per epoch or per evaluated folder paid that every time. The server does nothing but fork, so no thread of it holds a lock."""
+    A loader made per epoch or per evaluated folder paid that every time. The server does nothing but
+    fork, so no thread of it holds a lock."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_FORKSERVER_PRELOAD)  # takes effect when the server starts (first use)
     return ctx
-
-
-_FORKSERVER_PRELOAD = ["__main__", "torch", "diffaug_fast.data.torch_loader"]
 
 
 def check_image(path: str, min_size: int = 8, max_aspect: float = 20.0) -> tuple[str | None, int, int]:
