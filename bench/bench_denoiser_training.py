@@ -21,10 +21,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diffaug_fast.denoiser_training import DEMO_CONFIG, diffusion_forward, optimizer_step
-from diffaug_fast.diffusion_loss import LossTables
+from diffaug_fast.diffusion.loss import LossTables
+from diffaug_fast.diffusion.unet import UNet
 from diffaug_fast.hardware import fast_half_dtype
-from diffaug_fast.unet import UNet
+from diffaug_fast.train.demo import DEMO_CONFIG
+from diffaug_fast.train.denoiser_parts import diffusion_forward, optimizer_step
 
 BATCH = 32
 SIZES = [48, 64]

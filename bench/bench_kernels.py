@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
+from diffaug_fast.diffusion.schedule import make_schedule
 from diffaug_fast.ops import fused, reference
-from diffaug_fast.schedule import make_schedule
 
 B, C, H, W = 64, 3, 224, 224
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -4,12 +4,12 @@
 
 The bound of a DiffAug step is what its parts cost measured alone, in the same run:
 one UNet forward on the B DiffAug views + a classifier step on B images, twice (clean and DiffAug
-halves). The goal (issue 6): the DiffAug step within 15% of that bound, i.e. no overhead of its own
+halves). The goal: the DiffAug step within 15% of that bound, i.e. no overhead of its own
 beyond the UNet and the doubled classifier batch. ResNet-50 at 224x224 with bf16 autocast (--amp on
 CPU with native bf16, else float32), denoiser preset adm-small (random weights), B = 8 per step; set
 BENCH_TRAIN_BATCH to change B.
 
-Bank mode (issue 7) trains on [clean; stored view] with no UNet call: its step costs a classifier step
+Bank mode trains on [clean; stored view] with no UNet call: its step costs a classifier step
 on 2B images. Throughput is compared as images through the classifier per second (clean + DiffAug
 views); goal: bank mode >= 0.95 x baseline. Decoding the stored JPEG is the loader's work
 (bench_loader.py), not part of this step.
@@ -17,9 +17,8 @@ views); goal: bank mode >= 0.95 x baseline. Decoding the stored JPEG is the load
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -38,11 +37,7 @@ AMP = fast_half_dtype("cpu")  # None on CPUs without native bf16: emulated bf16 
 
 
 def _load_trainer():
-    spec = importlib.util.spec_from_file_location("rn50", REPO / "train" / "rn50.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["rn50"] = mod  # dataclasses look the module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("diffaug_fast.train.recipes.rn50")
 
 
 rn50 = _load_trainer()
@@ -146,7 +141,7 @@ def report(request):
     ])
 
 
-# ------------------------------------------------------------------------------------------------ ViT (issue 13)
+# ------------------------------------------------------------------------------------------------ ViT
 # The DeiT-III finetune recipe's step (train/vit.py): timm ViT-S/16 with LayerScale at 224 (ViT-B/16 is ~4x
 # the FLOPs: too slow for a CPU bench), AdamW with timm's groups, Mixup/CutMix over both halves, soft-target
 # CE; same B, size and UNet (adm-small) as above, so the UNet forward measured above is its bound's UNet term.
@@ -155,16 +150,12 @@ VIT_ARCH = "deit3_small_patch16_224"
 
 
 def _load_vit():
-    spec = importlib.util.spec_from_file_location("vit_train", REPO / "train" / "vit.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["vit_train"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("diffaug_fast.train.recipes.vit")
 
 
 @pytest.fixture(scope="module")
 def vit_setup(setup):
-    from diffaug_fast.training import Recipe
+    from diffaug_fast.train.engine import Recipe
 
     vit = _load_vit()
     torch.manual_seed(0)
@@ -177,14 +168,15 @@ def vit_setup(setup):
 
 
 def _vit_step(setup, vit_setup, den, fraction, bank=False):
-    from diffaug_fast.training import train_step
+    from diffaug_fast.train.step import DiffAugPlan, StepParts, train_step
 
     _, _, scaler, _, batch, buf = setup
     vit, model, opt, recipe = vit_setup
     s = vit.Settings(data="-", diffaug_fraction=fraction)
     g = torch.Generator().manual_seed(1)
     batch = batch if bank else _without_bank(batch)
-    return lambda: train_step(model, opt, scaler, batch, den, s, g, buf, torch.device("cpu"), AMP, recipe)[0].item()
+    parts = StepParts(model, opt, scaler, buf, torch.device("cpu"), AMP, DiffAugPlan.of(s, den), recipe)
+    return lambda: train_step(parts, batch, g)[0].item()
 
 
 def test_vit_baseline_step(benchmark, setup, vit_setup):

@@ -15,7 +15,7 @@ Run:  python -m pytest bench/bench_unet.py --benchmark-only --benchmark-json=une
 On CPU the compiled cases, the reference's bf16/fp16 cases and adm256's low-precision cases take many
 minutes each; they run only with DIFFAUG_BENCH_ALL=1.
 
-On a GPU (issue 15) every case runs on cuda at batch 64 (BENCH_UNET_BATCH), the reference under cuda
+On a GPU every case runs on cuda at batch 64 (BENCH_UNET_BATCH), the reference under cuda
 autocast, peaks measured there (8192^3 matmuls); img/s counts images, not batches. The CPU-only modes
 (Winograd through NNPACK, the fused GroupNorm kernel) and the compiled cases (max-autotune of adm256
 takes many minutes) are skipped there unless DIFFAUG_BENCH_ALL=1. `make gpu-check` runs

@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# Goals stated by the issues that built each part (bench/NOTES.md): issue 4 (UNet >= 50% of the fp16
-# matmul peak on a GPU), issue 3 (fused ops >= 60% of copy bandwidth), issue 6 (DiffAug step <= 1.15 x
-# its bound), issue 7 (bank mode >= 0.95 x baseline), issue 5 (DALI >= 1.5 x the torchvision reference).
+# The goals each part was built to (bench/NOTES.md): the UNet >= 50% of the fp16 matmul peak on a GPU, the
+# fused ops >= 60% of copy bandwidth, the DiffAug step <= 1.15 x its bound, bank mode >= 0.95 x baseline,
+# DALI >= 1.5 x the torchvision reference.
 GOAL_PEAK, GOAL_COPY, GOAL_BOUND, GOAL_BANK, GOAL_LOADER = 0.50, 0.60, 1.15, 0.95, 1.5
 
 

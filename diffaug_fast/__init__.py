@@ -6,15 +6,26 @@ Public API:
             mean=None, std=None, seed=None, offset=0, out=None, backend=None) -> x0_hat
     DiffAug(denoiser, *, t_range=None, mean=None, std=None, seed=None, backend=None): nn.Module for training
     available_backends(device) -> backends of the fused ops usable on that device
+    Smooth: randomized smoothing / diffusion denoised smoothing (predict, certify)
+    ood: OOD detectors and metrics (ood.metrics as OpenOOD's evaluator)
     PRESETS, UNetConfig, UNet, Schedule, CheckpointError
+
+The package's folders: ops/ (the op and its kernels), diffusion/ (schedule, UNet, checkpoint loading,
+diffusion loss), data/ (scan, loaders, synthetic data), train/ (the training core, classifier engine and
+recipes, denoiser training), eval/ (DiffAug Ensemble, ImageNet-C, OOD, smoothing, classifier loading), bank/.
 """
 
-from .augment import augment
-from .denoiser import CheckpointError, Denoiser, load_denoiser
-from .module import DiffAug
+from . import _compat
+from .diffusion.denoiser import CheckpointError, Denoiser, load_denoiser
+from .diffusion.schedule import Schedule, make_schedule
+from .diffusion.unet import PRESETS, UNet, UNetConfig, get_preset
+from .eval import ood
+from .eval.smoothing import Smooth
+from .ops.augment import augment
 from .ops.fused import Workspace, available_backends
-from .schedule import Schedule, make_schedule
-from .unet import PRESETS, UNet, UNetConfig, get_preset
+from .ops.module import DiffAug
+
+_compat.install()
 
 __version__ = "0.1.0"
 
@@ -26,6 +37,8 @@ __all__ = [
     "load_denoiser",
     "Denoiser",
     "CheckpointError",
+    "Smooth",
+    "ood",
     "Schedule",
     "make_schedule",
     "PRESETS",

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from . import augment, load_denoiser
-from .denoiser import Denoiser
-from .unet import UNet, get_preset
+from .diffusion.denoiser import Denoiser
+from .diffusion.unet import UNet, get_preset
 from .viz import sample_images, save_grid
 
 T_VALUES = (0, 100, 250, 500, 750, 999)

@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 
-from diffaug_fast.unet import UNetConfig
+from diffaug_fast.diffusion.unet import UNetConfig
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
 
-# The device dimension of the suite (issue 15). A test whose subject is device-generic takes the ``device``
+# The device dimension of the suite. A test whose subject is device-generic takes the ``device``
 # fixture and runs on cpu and, where torch sees a GPU, on cuda; on a CPU-only machine the cuda cases are
 # reported as skipped with this one reason, so the skip count shows what was not run. GPU-only cases carry
 # ``@requires_cuda``.

@@ -16,7 +16,7 @@ from conftest import oracle_model_and_diffusion, randomize_, requires_cuda
 
 import diffaug_fast as df
 from diffaug_fast.bank import BankError, BankReader, pick_view, psnr, verify_bank, view_seed, view_t
-from diffaug_fast.synthetic import make_synthetic_dataset
+from diffaug_fast.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_make_demo_learns_its_classes_and_its_denoiser_denoises(tmp_path):
-    """Issue 11's bar, on the demo exactly as `make demo` runs it (a first run also trains and caches the
+    """The demo's bar, on the demo exactly as `make demo` runs it (a first run also trains and caches the
     denoiser beside the synthetic data, ~1 min): the classifier learns the four shape classes (clean val top-1
     >= 90% on 400 images), the denoiser's one-step x0 beats the noisy input by >= 3 dB PSNR at t = 100, 250, 500,
     and the printed table has plain and DiffAug Ensemble top-1 for clean val and each corruption, as logged."""

@@ -1,4 +1,4 @@
-"""Denoiser training (issue 11): the loss against guided_diffusion, export, resume, DDP, PSNR, bad input."""
+"""Denoiser training: the loss against guided_diffusion, export, resume, DDP, PSNR, bad input."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from conftest import oracle_model_and_diffusion, randomize_
 
 import diffaug_fast as df
 from diffaug_fast.data import scan_dataset
-from diffaug_fast.diffusion_loss import LossTables, hybrid_loss, psnr_table
-from diffaug_fast.synthetic import make_synthetic_dataset
-from diffaug_fast.train_denoiser import load_images, main
-from diffaug_fast.unet import UNet, get_preset
+from diffaug_fast.data.synthetic import make_synthetic_dataset
+from diffaug_fast.diffusion.loss import LossTables, hybrid_loss, psnr_table
+from diffaug_fast.diffusion.unet import UNet, get_preset
+from diffaug_fast.train.denoiser import load_images, main
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny, but every part of the family: attention, resblock up/down, learned sigma
@@ -105,7 +105,7 @@ def test_psnr_table_closed_form():
 
 
 def test_loss_window_means_by_quarter_of_t():
-    from diffaug_fast.denoiser_training import LossWindow
+    from diffaug_fast.train.denoiser_parts import LossWindow
 
     g = torch.Generator().manual_seed(0)
     w = LossWindow(1000)
@@ -303,8 +303,8 @@ def test_read_only_out_folder(tree, tmp_path):
 
 def test_demo_denoiser_is_cached_and_atomic(tmp_path, monkeypatch):
     """A killed first training leaves neither the final folder nor its temporary one; a finished one is reused."""
-    import diffaug_fast.train_denoiser as td
-    from diffaug_fast.denoiser_training import demo_denoiser
+    import diffaug_fast.train.demo as td
+    from diffaug_fast.train.demo import demo_denoiser
 
     root = tmp_path / "synthetic"
     root.mkdir()
@@ -316,7 +316,7 @@ def test_demo_denoiser_is_cached_and_atomic(tmp_path, monkeypatch):
         out.write_bytes(b"half a checkpoint")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(td, "main", killed)
+    monkeypatch.setattr(td, "train_denoiser_main", killed)
     with pytest.raises(KeyboardInterrupt):
         demo_denoiser(root, steps=3, say=lambda *a: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]
@@ -329,8 +329,8 @@ def test_demo_denoiser_is_cached_and_atomic(tmp_path, monkeypatch):
         out.write_bytes(b"weights")
         out.with_suffix(".json").write_text("{}")
 
-    monkeypatch.setattr(td, "main", finished)
+    monkeypatch.setattr(td, "train_denoiser_main", finished)
     ckpt = demo_denoiser(root, steps=3, say=lambda *a: None)
     assert ckpt.read_bytes() == b"weights" and ckpt.parent.parent == tmp_path
-    monkeypatch.setattr(td, "main", killed)  # a second call must not train again
+    monkeypatch.setattr(td, "train_denoiser_main", killed)  # a second call must not train again
     assert demo_denoiser(root, steps=3, say=lambda *a: None) == ckpt

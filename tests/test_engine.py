@@ -1,14 +1,13 @@
-"""diffaug_fast.training and the rn50 recipe on it, in-process at tiny scale: run folders (issue 14.1),
+"""The classifier engine (diffaug_fast.train) and the rn50 recipe on it, in-process at tiny scale: run folders,
 batch larger than the dataset (14.2), a damaged last.pt (14.6), empty/foreign class folders (14.8), the
-recipe hooks (per-step schedules, batch transforms for Mixup, AugMix + JSD), --init and --recipe (issue 13.3),
-and the reference recipe's defaults (issue 12.4)."""
+recipe hooks (per-step schedules, batch transforms for Mixup, AugMix + JSD), --init and --recipe,
+and the reference recipe's defaults."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,19 +19,24 @@ import torchvision
 from scipy.special import softmax
 from scipy.stats import entropy
 
+from diffaug_fast.data.synthetic import make_synthetic_dataset
 from diffaug_fast.runs import open_run
-from diffaug_fast.synthetic import make_synthetic_dataset
-from diffaug_fast.training import EngineSettings, Recipe, run, train_step
+from diffaug_fast.train.engine import EngineSettings, Recipe, run
+from diffaug_fast.train.recipe import STEP_ONLY
+from diffaug_fast.train.step import DiffAugPlan, StepParts
+from diffaug_fast.train.step import train_step as _engine_step
+
+
+def train_step(model, opt, scaler, batch, den, s, g, buf, device, amp_dtype, recipe=None):
+    """The engine's step with its parts spelled out (the call these tests were written against)."""
+    parts = StepParts(model, opt, scaler, buf, device, amp_dtype, DiffAugPlan.of(s, den), recipe or STEP_ONLY)
+    return _engine_step(parts, batch, g)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_rn50():
-    spec = importlib.util.spec_from_file_location("rn50_engine", REPO / "train" / "rn50.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["rn50_engine"] = mod  # dataclasses look the module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("diffaug_fast.train.recipes.rn50")
 
 
 rn50 = _load_rn50()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import diffaug_fast as df
-from diffaug_fast.ensemble import (
+from diffaug_fast.eval.ensemble import (
     DE_TIMESTEPS,
     IMAGENET_MEAN,
     IMAGENET_STD,

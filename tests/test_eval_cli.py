@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from diffaug_fast.ensemble import ALEXNET_ERR, CORRUPTIONS, summarize_corruptions
-from diffaug_fast.smoothing import certified_accuracy
+from diffaug_fast.eval.ensemble import ALEXNET_ERR, CORRUPTIONS, summarize_corruptions
+from diffaug_fast.eval.smoothing import certified_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 VIT = {"arch": "vit_tiny_patch16_224", "model_source": "timm", "model_kwargs": {"img_size": 32, "depth": 1},
@@ -23,11 +22,7 @@ VIT = {"arch": "vit_tiny_patch16_224", "model_source": "timm", "model_kwargs": {
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_cli_{name}", REPO / "train" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module({"eval": "diffaug_fast.eval.evaluate", "certify": "diffaug_fast.eval.certify"}[name])
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +222,9 @@ def test_certify_bad_input(cli, tree, tmp_path):
 
 def test_demo_lines(cli, tree, tmp_path):
     """The demo's one-liners agree with the full CLIs on the same data."""
-    from diffaug_fast.models import load_classifier
-    from diffaug_fast.ood import demo_auroc_line
-    from diffaug_fast.smoothing import demo_certify_line
+    from diffaug_fast.eval.models import load_classifier
+    from diffaug_fast.eval.ood import demo_auroc_line
+    from diffaug_fast.eval.smoothing import demo_certify_line
 
     ev, _ = cli
     model, _, info = load_classifier(tree / "vit.pt")
@@ -246,7 +241,7 @@ def test_timm_checkpoints_deit_style_and_safetensors(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from diffaug_fast.models import load_classifier
+    from diffaug_fast.eval.models import load_classifier
 
     torch.manual_seed(0)
     ref = timm.create_model("resnet10t", num_classes=3).eval()

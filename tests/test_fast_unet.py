@@ -12,7 +12,7 @@ import torch
 from conftest import oracle_low_precision, oracle_model_and_diffusion, randomize_
 
 import diffaug_fast as df
-from diffaug_fast.unet import UNet
+from diffaug_fast.diffusion.unet import UNet
 
 TS = [0, 250, 500, 750, 999]
 

@@ -1,4 +1,4 @@
-"""The view bank under faults and misuse (issue 14 items 3-5): a bank refuses what its views do not fit, a
+"""The view bank under faults and misuse: a bank refuses what its views do not fit, a
 damaged bank is named precisely (shard, image, view) and never trains silently, ``--out`` never writes into
 a folder that is not a bank, a full disk is a message, and SIGKILL at random points of a build loses nothing.
 
@@ -9,6 +9,7 @@ recomputation is then exact), 2 views, 8 shards.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -31,7 +32,7 @@ import diffaug_fast as df
 from diffaug_fast import bank as bk
 from diffaug_fast.bank import BankError, BankReader, verify_bank
 from diffaug_fast.data import build_loader, scan_dataset
-from diffaug_fast.synthetic import make_synthetic_dataset
+from diffaug_fast.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = dict(image_size=16, resize_size=20, t_range=(0, None))
@@ -132,7 +133,7 @@ def test_bank_refuses_a_tree_with_the_same_names_and_other_pixels(setup, tmp_pat
     victim = sorted((tree / "squares").iterdir())[1]
     Image.new("RGB", (24, 24), (200, 30, 30)).save(victim, format="JPEG")  # same name, other pixels
     index = scan_dataset(tree, progress=False, cache=False)
-    # the name/label fingerprint, the only check before issue 14, cannot see it:
+    # the name/label fingerprint, the only check banks used to have, cannot see it:
     assert bk.dataset_fingerprint(index, tree) == bk.dataset_fingerprint(setup["index"], setup["data"])
     with pytest.raises(BankError, match=rf"other pixels.*first: {victim}"):
         bk.open_for_training(setup["ref"], index, tree, unet_path=None, **SETTINGS)
@@ -254,7 +255,7 @@ def test_swapped_index_offsets_caught_by_default_verify(bank_copy):
         BankReader(bank_copy)
     # the same swap written by a faulty writer (index hash recorded after the swap): the tar headers tell
     man = json.loads((bank_copy / "manifest.json").read_text())
-    man["shards"][0]["index_sha256"] = bk.hashlib.sha256(ipath.read_bytes()).hexdigest()
+    man["shards"][0]["index_sha256"] = hashlib.sha256(ipath.read_bytes()).hexdigest()
     (bank_copy / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(BankError) as e:
         verify_bank(bank_copy)  # the default arguments
@@ -294,7 +295,7 @@ def test_disk_check_counts_tar_and_index_overhead(setup, tmp_path, inprocess, mo
     assert on_disk > 1.3 * views  # tiny views: headers and indexes are a large share
     assert bk.bank_bytes_needed(views / 16, 16, 8) >= on_disk - (setup["ref"] / "manifest.json").stat().st_size
     real = shutil.disk_usage
-    monkeypatch.setattr(bk.shutil, "disk_usage",
+    monkeypatch.setattr(shutil, "disk_usage",
                         lambda p: real(p)._replace(free=int(1.2 * views)))  # views fit, the bank does not
     with pytest.raises(SystemExit, match="not enough disk"):
         inprocess(*_args(setup["data"], setup["unet"], tmp_path / "b"))
@@ -309,10 +310,10 @@ def test_enospc_mid_build_is_a_message_and_resumes(setup, tmp_path, inprocess, m
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(bk.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(SystemExit, match=r"no space left .* writing shard 1 .*rerun the same command to resume"):
         inprocess(*_args(setup["data"], setup["unet"], out))
-    monkeypatch.setattr(bk.os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     assert _temps(out) == []  # the failed write removed its temporary file
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000.json", "shard-00000.tar"]
     # a SIGKILL runs no cleanup: temporaries of the bank's own files and of shards stay; the next run removes them

@@ -1,8 +1,8 @@
-"""Fault injection (issue 14): a short train/rn50.py run is SIGKILLed 20 times at points drawn by a seeded
+"""Fault injection: a short train/rn50.py run is SIGKILLed 20 times at points drawn by a seeded
 RNG (inside a training step, inside the checkpoint write before and in the middle of writing last.pt, inside
 the evaluation after an epoch) and resumed after each kill. Every resume must succeed, the final weights
 must equal an uninterrupted run's bit for bit, every epoch's evaluation must be in the log, and no temp
-file may remain. The kill points come from $DIFFAUG_FAULT (diffaug_fast.training.FAULT_ENV)."""
+file may remain. The kill points are TrainHooks installed by tests/fault_runner.py."""
 
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffaug_fast.synthetic import make_synthetic_dataset
-from diffaug_fast.training import FAULT_ENV
+from diffaug_fast.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "train" / "rn50.py"
+RUNNER = Path(__file__).with_name("fault_runner.py")
 EPOCHS, STEPS_PER_EPOCH, KILLS = 6, 3, 20
 
 
@@ -40,10 +39,7 @@ def _launch(data, out, fault=None, resume=False):
             "adm-tiny", "--diffaug-fraction", "0.5", "--loader", "torch", "--workers", "0", "--no-progress",
             "--no-de-eval", "--seed", "3", "--log-every", "1"] + (["--resume"] if resume else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop(FAULT_ENV, None)
-    if fault:
-        env[FAULT_ENV] = fault
-    return subprocess.run([sys.executable, str(TRAIN), *args], capture_output=True, text=True, env=env, cwd=REPO,
+    return subprocess.run([sys.executable, str(RUNNER), "rn50", fault or "none", *args], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=600)
 
 

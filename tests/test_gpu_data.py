@@ -1,4 +1,4 @@
-"""GPU-only loader checks (issue 15): DALI's "mixed" decoding (nvJPEG, or the hardware decoder) against
+"""GPU-only loader checks: DALI's "mixed" decoding (nvJPEG, or the hardware decoder) against
 its CPU decoder (libjpeg-turbo) on the JPEG tree of test_data.py.
 
 Both runs use the same plan (seed, epoch -> the same boxes and flips) and the same resampler, so what

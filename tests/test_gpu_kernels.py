@@ -1,4 +1,4 @@
-"""GPU-only checks of the fused ops (issue 15): what the device-generic tests in test_kernels.py cannot
+"""GPU-only checks of the fused ops: what the device-generic tests in test_kernels.py cannot
 show on small CPU-made inputs. The CUDA kernel's Philox noise is bit-equal to the CPU kernel's (the
 reason csrc/ is built with --fmad=false), and the cuda and triton kernels stay equal to the float32
 reference at a full ImageNet batch, where grid sizes and 32-bit index arithmetic are exercised.

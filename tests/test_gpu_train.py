@@ -1,4 +1,4 @@
-"""The trainer on the GPU through its CLI (issue 15): a train step with --amp (fp16 autocast + GradScaler
+"""The trainer on the GPU through its CLI: a train step with --amp (fp16 autocast + GradScaler
 on cuda; bf16 or float32 on CPU, see rn50.amp_dtype_for) and, where two GPUs exist, DDP over nccl.
 
 The CLI is the interface here (train/rn50.py's internals are being refactored): each case runs a few
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import HAS_CUDA, NO_CUDA_REASON, TWO_GPUS
 
-from diffaug_fast.synthetic import make_synthetic_dataset
+from diffaug_fast.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train" / "rn50.py"

@@ -1,4 +1,4 @@
-"""GPU-only fast-UNet checks (issue 15): fp16 and bf16 under ``compile=True`` (max-autotune with CUDA
+"""GPU-only fast-UNet checks: fp16 and bf16 under ``compile=True`` (max-autotune with CUDA
 graphs, batch buckets) against the float32 oracle with the 2x rule of test_fast_unet.py: each compiled
 low-precision result at most 2x as far from the oracle as the reference code in the same precision on
 the same GPU. The eager low-precision modes and the float32 compiled path run on cuda through the

@@ -1,7 +1,7 @@
 """Fused pre/post ops: every backend against the float32 reference (reference.py), Philox noise, the
 backend registry, torch.library checks, torch.compile, and the augment()/DiffAug surface built on them.
 
-Device dimension (issue 15): the op tests take the ``device`` fixture and a backend parameter, "native"
+Device dimension: the op tests take the ``device`` fixture and a backend parameter, "native"
 (the compiled kernel of the device: cpp on CPU, cuda on CUDA), "triton" or "reference". Inputs are made on
 the CPU and moved, keeping their layout; the expected values are always the float32 reference on the CPU.
 On a CPU-only machine Triton runs in its interpreter (TRITON_INTERPRET=1, set by conftest.py); its bf16 is

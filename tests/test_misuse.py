@@ -1,4 +1,4 @@
-"""Misuse outside the trainer (issue 14 item 8): images that became unreadable after the scan, non-finite
+"""Misuse outside the trainer: images that became unreadable after the scan, non-finite
 explicit noise, numpy integer timesteps, seeds at both ends of 64 bits, non-finite weights, and a
 checkpoint one shape away from a preset. Tiny: adm-tiny with random weights, 16-24 px images."""
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 import diffaug_fast as df
 from diffaug_fast.data import available_backends, build_loader, scan_dataset
-from diffaug_fast.denoiser import CheckpointError
+from diffaug_fast.diffusion.denoiser import CheckpointError
 from diffaug_fast.ops.philox import philox_normal
 
 # ---------------------------------------------------------------------------------------------------- files

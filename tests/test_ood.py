@@ -11,8 +11,8 @@ from PIL import Image
 from scipy.special import logsumexp, softmax
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from diffaug_fast.models import features_and_head
-from diffaug_fast.ood import Detectors, image_index, metrics
+from diffaug_fast.eval.models import features_and_head
+from diffaug_fast.eval.ood import Detectors, image_index, metrics
 
 
 def _fpr95_independent(s_id, s_ood):

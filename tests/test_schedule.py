@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffaug_fast.schedule import cosine_betas, linear_betas, make_schedule
+from diffaug_fast.diffusion.schedule import cosine_betas, linear_betas, make_schedule
 
 
 def _oracle(name, steps, rescale):

@@ -10,8 +10,8 @@ from conftest import oracle_model_and_diffusion, randomize_
 from scipy.stats import binomtest, norm
 
 import diffaug_fast as df
+from diffaug_fast.eval.smoothing import ABSTAIN, Smooth, certified_accuracy, lower_confidence_bound
 from diffaug_fast.ops.philox import philox_normal
-from diffaug_fast.smoothing import ABSTAIN, Smooth, certified_accuracy, lower_confidence_bound
 
 SHAPE = (3, 4, 4)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from diffaug_fast.synthetic import CLASSES, CORRUPTIONS, OOD_CLASSES, make_synthetic_dataset
+from diffaug_fast.data.synthetic import CLASSES, CORRUPTIONS, OOD_CLASSES, make_synthetic_dataset
 
 
 def test_layout_and_reuse(tmp_path):

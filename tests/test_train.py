@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffaug_fast.synthetic import make_synthetic_dataset
+from diffaug_fast.data.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train" / "rn50.py"
@@ -168,12 +168,9 @@ def test_eval_script_plain_de_and_corruptions(data, tmp_path):
 
 
 def test_demo_defaults_apply_only_without_data():
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("rn50_args", TRAIN)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["rn50_args"] = mod
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module("diffaug_fast.train.recipes.rn50")
     demo = mod.parse_args(["--amp", "--epochs", "3"])
     assert demo.data is None and demo.amp and demo.epochs == 3  # explicit flags win over the demo's
     assert (demo.image_size, demo.batch_size, demo.zero_init_residual) == (48, 32, True)

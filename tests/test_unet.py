@@ -12,8 +12,8 @@ import torch
 from conftest import oracle_model_and_diffusion, randomize_
 
 import diffaug_fast as df
-from diffaug_fast.denoiser import CheckpointError, infer_config
-from diffaug_fast.unet import UNet, count_parameters
+from diffaug_fast.diffusion.denoiser import CheckpointError, infer_config
+from diffaug_fast.diffusion.unet import UNet, count_parameters
 
 SMALL = ["adm-tiny", "iddpm-tiny", "adm-small"]
 

@@ -3,7 +3,7 @@ Mixup, the schedule against the closed form, learning, exact resume, --init load
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -16,9 +16,23 @@ import pytest
 import torch
 from timm.data.mixup import Mixup
 
-from diffaug_fast.synthetic import make_synthetic_dataset
-from diffaug_fast.training import Recipe, step_generator, train_step
-from diffaug_fast.vit_recipe import InitError, PairMix, SeededRandAugment, create_vit, load_init
+from diffaug_fast.data.synthetic import make_synthetic_dataset
+from diffaug_fast.train.engine import Recipe
+from diffaug_fast.train.recipe import STEP_ONLY
+from diffaug_fast.train.recipes.vit_parts import InitError, PairMix, SeededRandAugment, create_vit, load_init
+from diffaug_fast.train.step import DiffAugPlan, StepParts
+from diffaug_fast.train.step import step_generator as _step_generator
+from diffaug_fast.train.step import train_step as _engine_step
+
+
+def train_step(model, opt, scaler, batch, den, s, g, buf, device, amp_dtype, recipe=None):
+    """The engine's step with its parts spelled out (the call these tests were written against)."""
+    parts = StepParts(model, opt, scaler, buf, device, amp_dtype, DiffAugPlan.of(s, den), recipe or STEP_ONLY)
+    return _engine_step(parts, batch, g)
+
+
+def step_generator(s, epoch, step, rank, device):
+    return _step_generator(s.seed, epoch, step, rank, device)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "train" / "vit.py"
@@ -27,11 +41,7 @@ TINY_JSON = json.dumps(TINY)
 
 
 def _load_vit():
-    spec = importlib.util.spec_from_file_location("vit_train", TRAIN)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["vit_train"] = mod  # dataclasses look the module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module("diffaug_fast.train.recipes.vit")
 
 
 vit = _load_vit()

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node N -m diffaug_fast.bank build ...        (images split across ranks)
     python -m diffaug_fast.bank verify BANK
 
-One UNet forward costs ~70 ResNet-50 training steps (SPEC section 3), so DiffAug online on every image
+One UNet forward costs ~70 ResNet-50 training steps (docs/method.md), so DiffAug online on every image
 cannot run near baseline throughput. The bank stores K DiffAug views of every training image, each the
 x0 estimate of the image's Resize(256) + CenterCrop(224) at its own uniformly drawn t with its own noise
 seed; the trainer then reads one stored view per image and epoch like an ordinary JPEG.
@@ -34,13 +34,7 @@ from __future__ import annotations
 # common (errors, format constants, seeds, fingerprints); reader (BankReader, open_for_training), compute
 # (UNet options, encoding), shards (the files of a bank being built); build (plan, shards to do, write one
 # shard, build_bank) and verify (verify_bank, repair); cli (main, run by __main__).
-# hashlib, os and shutil are re-exported because tests reach the standard library through this package
-# (``bk.shutil.disk_usage``, ``bk.os.fsync``) to patch it.
-import hashlib  # noqa: F401
-import os  # noqa: F401
-import shutil  # noqa: F401
-
-# Public names of the former single-module bank.py outside __all__ are re-exported ("X as X") too.
+# Names outside __all__ that callers use are re-exported ("X as X") too.
 from .build import build_bank
 from .cli import main as main
 from .common import BANK_KIND as BANK_KIND

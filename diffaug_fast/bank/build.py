@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__, augment, load_denoiser
+from ..data import build_loader, scan_dataset
 from ..distributed import World, barrier, gather_objects, init_distributed
 from ..hardware import keep_freed_memory
 from ..io import atomic_write_bytes
@@ -121,8 +122,6 @@ def build_bank(args: argparse.Namespace) -> dict | None:
 def _prepare(args: argparse.Namespace, w: World, out: Path, data: Path):
     """Check --data and --out, scan the dataset (rank 0 first: the others read its scan cache), load the UNet.
     Returns (dataset index, denoiser); a user mistake is one SystemExit line."""
-    from ..data import scan_dataset
-
     if not data.is_dir():
         raise SystemExit(f"--data {data}: no such directory")
     if w.is_main:
@@ -213,8 +212,6 @@ def _write_shards(job: _Job) -> None:
 def compute_shard(job: _Job, s: int, pool: ThreadPoolExecutor, bar: tqdm) -> tuple[list[int], list, list]:
     """All K views of shard s's images, encoded: (image ids, [(tar member name, bytes)], [index entry per
     view without its offset/size/crc32]), members ordered by batch, then view, then image."""
-    from ..data import build_loader
-
     args = job.args
     ids = shard_ids(s, len(job.index.files), args.shard_images)
     loader = build_loader(job.index.subset(ids), "val", batch_size=args.batch_size, backend=args.loader,

@@ -4,20 +4,19 @@ encoding, the data backend "auto" resolves to."""
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..data.loader import resolve_backend
+from ..diffusion.unet import UNet
 from ..hardware import fast_half_dtype
 
 
 def unet_gflops(denoiser, size: int) -> float:
     """Forward GFLOP per image at size x size, counted on the meta device (no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    from ..unet import UNet
 
     with torch.device("meta"):
         model = UNet(denoiser.config)
@@ -54,7 +53,4 @@ def _to_uint8(x0: torch.Tensor) -> np.ndarray:
 
 def _backend(name: str) -> str:
     """The data backend "auto" resolves to (as build_loader does): verify recomputes with the same one."""
-    from ..data import available_backends
-
-    name = os.environ.get("DIFFAUG_DATA_BACKEND", "auto") if name == "auto" else name
-    return available_backends()[0] if name == "auto" else name
+    return resolve_backend(name)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .. import augment, load_denoiser
+from ..data import build_loader, scan_dataset
 from .common import (
     BankError,
     content_fingerprint,
@@ -161,8 +162,6 @@ def _recompute_sample(root: Path, man: dict, result: dict, *, sample: int, loade
 def _unchanged_sources(man: dict):
     """(dataset index, None) when the bank's source folder and checkpoint are still what it was built
     from, else (None or the index, one line saying what changed)."""
-    from ..data import scan_dataset
-
     try:
         index = scan_dataset(man["dataset"], progress=False)
     except (OSError, ValueError) as e:
@@ -181,10 +180,8 @@ def _unchanged_sources(man: dict):
 
 def _recompute_view(index, man: dict, den, i: int, v: int, loader: str) -> np.ndarray:
     """View v of image i as the build made it: uint8 [H, W, 3], on the CPU."""
-    from ..data import build_loader
-
     # Recompute each view inside the very batch it was built in: a conv's rounding depends on the batch
-    # size, and at t ~ 999 the x0 step multiplies eps rounding by ~157 (SPEC section 1).
+    # size, and at t ~ 999 the x0 step multiplies eps rounding by ~157 (docs/method.md).
     ids = _build_batch_of(i, man)
     backend = man.get("loader", "auto") if loader == "auto" else loader  # the build's own decoder
     batch = next(iter(build_loader(index.subset(ids), "val", batch_size=len(ids), backend=backend,

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .loader import Loader
+from .base import Loader
 from .plan import center_box, train_boxes
 
 __all__ = ["DaliLoader"]

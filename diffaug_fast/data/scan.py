@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ..constants import cache_dir
+
 __all__ = ["DatasetIndex", "scan_dataset", "check_image", "worker_context"]
 
 _SCAN_VERSION = 1
@@ -180,8 +182,7 @@ def _cache_key(root: str, dirs: Iterable[str], file_list: str | None, settings: 
 
 
 def _default_cache_dir() -> str:
-    base = os.environ.get("DIFFAUG_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "diffaug_fast")
-    return os.path.join(base, "scan")
+    return str(cache_dir() / "scan")
 
 
 def scan_dataset(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .loader import Loader
+from .base import Loader
 from .plan import center_box, train_boxes
 from .scan import worker_context
 

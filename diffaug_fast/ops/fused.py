@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..constants import op_backend_env
 from . import _ext, reference
 from .philox import philox_normal
 
@@ -167,7 +168,7 @@ def resolve_backend(name: str | None, device: torch.device | str) -> str:
     """The backend to run on ``device``: ``name``, else $DIFFAUG_BACKEND, else the first available in auto
     order. Raises ValueError naming the available backends when the requested one cannot run."""
     dt = torch.device(device).type
-    name = name or os.environ.get("DIFFAUG_BACKEND") or "auto"
+    name = name or op_backend_env() or "auto"
     if name == "auto":
         for cand in _AUTO.get(dt, ("reference",)):
             if _missing(cand, dt) is None:

@@ -2,7 +2,7 @@
 
 Everything is computed in float64 (numpy), exactly like OpenAI's guided-diffusion / improved-diffusion
 ``GaussianDiffusion``, and cast to float32 only when gathered by t. That order matters: at t = 999 an
-error in eps is multiplied by sqrt(1/abar - 1) ~ 157 (SPEC section 1), so the coefficients themselves
+error in eps is multiplied by sqrt(1/abar - 1) ~ 157 (docs/method.md), so the coefficients themselves
 must carry no avoidable rounding.
 """
 

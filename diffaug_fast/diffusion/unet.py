@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.norm import group_norm_silu_eager_or_op
-from .ops.winograd import WinogradConv2d, winograd_supported
+from ..ops.norm import group_norm_silu_eager_or_op
+from ..ops.winograd import WinogradConv2d, winograd_supported
 from .schedule import Schedule, make_schedule
 
 __all__ = ["UNetConfig", "UNet", "PRESETS", "get_preset", "timestep_embedding", "CONV_ALGOS"]

@@ -1,79 +1,33 @@
-"""Train our own ADM denoiser (improved-diffusion's objective) on an ImageFolder tree; the demo's denoiser.
-
-    python -m diffaug_fast.train_denoiser --data DIR --preset adm-tiny --image-size 64 --steps 20000
-        --batch-size 64 --lr 1e-4 --out den/model.pt
-    torchrun --nproc-per-node 8 -m diffaug_fast.train_denoiser ...
-
-Outputs: ``--out`` (the EMA weights as a plain OpenAI-format state_dict, which guided-diffusion's UNetModel
-loads strictly), the same tensors as ``.safetensors``, and a JSON sidecar (``model.json`` beside
-``model.pt``) with the UNetConfig, the schedule, the image size, steps, seed, data fingerprint and the
-command; ``load_denoiser(path)`` reads the architecture and schedule from it. The run folder (``--run-dir``,
-default ``<out without suffix>.run/``) holds last.pt/prev.pt (raw + EMA weights, optimizer, step),
-log.jsonl and the PNG grid of one-step denoising.
-
-Randomness: the crop/flip of a sample comes from (seed, epoch, dataset index) (the data plan), its t and
-noise from (seed, step, dataset index); so a resumed run replays the same steps bit for bit, and N processes
-see the same global batch, t and noise as one (DDP averages the same gradient up to summation order).
+"""The parts of denoiser training (diffaug_fast/train/denoiser.py runs them): the UNet config from flags, the
+per-sample t and noise, the forward half (improved-diffusion's hybrid loss) and the backward half (clipping,
+AdamW, EMA) of a step, the loss by quarter of t, and the outputs (the OpenAI-format checkpoint with its JSON
+sidecar, the PNG grid of one-step denoising).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
-from .denoiser import SIDECAR_FORMAT, read_sidecar, sidecar_path
-from .diffusion_loss import PSNR_TS, LossTables, format_psnr_table, hybrid_loss, one_step, psnr_table
-from .io import atomic_save, atomic_write_bytes
-from .schedule import Schedule
-from .unet import UNet, UNetConfig, get_preset
+from ..constants import derive_seed
+from ..diffusion.denoiser import SIDECAR_FORMAT, read_sidecar, sidecar_path
+from ..diffusion.loss import PSNR_TS, LossTables, format_psnr_table, hybrid_loss, one_step, psnr_table
+from ..diffusion.schedule import Schedule
+from ..diffusion.unet import UNet, UNetConfig, get_preset
+from ..io import atomic_save, atomic_write_bytes
+from ..viz import save_grid
 
-__all__ = ["DenoiserSettings", "resolve_config", "export_checkpoint", "read_sidecar", "sidecar_path",
-           "sample_t_noise", "ema_update", "diffusion_forward", "optimizer_step", "LossWindow", "ModelFn", "check_out_path", "save_grid_png",
-           "DEMO_CONFIG", "demo_denoiser", "demo_psnr_report", "psnr_table", "format_psnr_table", "PSNR_TS",
-           "hybrid_loss", "LossTables"]
+__all__ = ["resolve_config", "export_checkpoint", "read_sidecar", "sidecar_path", "sample_t_noise", "ema_update",
+           "diffusion_forward", "optimizer_step", "LossWindow", "ModelFn", "check_out_path", "save_grid_png",
+           "psnr_table", "format_psnr_table", "PSNR_TS", "hybrid_loss", "LossTables"]
 
 GRID_TS = (50, 100, 250, 500, 750, 999)
 
 
-@dataclass
-class DenoiserSettings:
-    data: str | None = None  # ImageFolder root (one folder per class; classes are ignored)
-    out: str | None = None  # checkpoint path (.pt); .safetensors and .json are written beside it
-    preset: str | None = None  # a UNet preset name (diffaug_fast.unet.PRESETS)
-    config: str | None = None  # JSON file or inline JSON of UNetConfig fields (over the preset, if both)
-    image_size: int = 64
-    steps: int = 10000
-    batch_size: int = 64  # global, over all processes
-    lr: float = 1e-4
-    weight_decay: float = 0.0  # improved-diffusion's default
-    ema_rate: float = 0.9999
-    grad_clip: float = 1.0
-    amp: bool = True  # fp16 + GradScaler on GPU, bf16 on a CPU with native bf16, else float32
-    seed: int = 0
-    val: str | None = None  # held-out images from this tree; default: --held-out images taken out of --data
-    held_out: int = 8
-    eval_every: int = 500  # one-step PSNR by t on the held-out images
-    log_every: int = 50
-    save_every: int = 1000
-    run_dir: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    loader: str = "auto"
-    workers: int = 2
-    stop_after_steps: int | None = None  # interrupt ourselves after this many steps (tests the resume path)
-    progress: bool = True
-
-
-# The demo's denoiser: our guided family (resblock up/down, scale-shift norm), learned sigma, linear 1000 steps
-# (t over 0..999, DiffAug's range), no attention, 0.94 M parameters; the issue measured a 0.8 M UNet of this
-# family denoising held-out demo images by +7 to +10 dB at t = 50..250 after 87 steps (~2.5 min, 2 busy cores).
-DEMO_CONFIG = UNetConfig(model_channels=32, num_res_blocks=1, channel_mult=(1, 1, 2), attention_ds=(),
-                         resblock_updown=True, image_size=48, family="guided-diffusion")
 
 
 def _fail(msg: str):
@@ -123,7 +77,7 @@ def sample_t_noise(seed: int, step: int, ids: torch.Tensor, shape: tuple[int, ..
     ts, noise = torch.empty(len(ids), dtype=torch.long), torch.empty(len(ids), *shape)
     g = torch.Generator()
     for i, k in enumerate(ids.tolist()):
-        g.manual_seed(((seed * 1_000_003 + step) * 1_000_003 + int(k)) % 2**63)
+        g.manual_seed(derive_seed(seed, step, int(k)) % 2**63)
         ts[i] = torch.randint(num_steps, (1,), generator=g)
         noise[i] = torch.randn(shape, generator=g)
     return ts, noise
@@ -150,10 +104,13 @@ def diffusion_forward(net, x0: torch.Tensor, ids: torch.Tensor, seed: int, step:
 
 
 def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, ema: torch.nn.Module, opt, scaler, grad_clip: float,
-                   ema_rate: float) -> torch.Tensor:
-    """Backward half: backward (scaled), gradient clipping, the optimizer step, the EMA update; the grad norm."""
+                   ema_rate: float, after_backward=None) -> torch.Tensor:
+    """Backward half: backward (scaled), gradient clipping, the optimizer step, the EMA update; the grad norm.
+    ``after_backward()`` runs between the backward and the update (a test hook)."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if after_backward is not None:
+        after_backward()
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(opt)
@@ -248,8 +205,6 @@ def check_out_path(out: str | None) -> Path:
 def save_grid_png(model_fn, schedule: Schedule, images: torch.Tensor, path: Path, seed: int, title: str) -> Path:
     """PNG grid: clean, then pairs (x_t / sqrt(abar_t) "xt t", clipped one-step x0 "x0 t") at GRID_TS; one row
     per held-out image."""
-    from .viz import save_grid
-
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(images.device)
     cols, labels = [images], ["clean"]
     for t in GRID_TS:
@@ -260,61 +215,3 @@ def save_grid_png(model_fn, schedule: Schedule, images: torch.Tensor, path: Path
     return save_grid(unit, path, col_labels=labels, title=title)
 
 
-# ---------------------------------------------------------------------------------------------------- the demo
-
-
-def demo_denoiser(data_root: str | os.PathLike, *, steps: int = 120, say=print) -> Path:
-    """The embedded demo's denoiser: trained once on ``data_root/train`` and cached beside the dataset.
-
-    Returns the checkpoint path (``<data_root>.denoiser/model.pt`` with its .safetensors and .json). Trained
-    with a fixed seed; the exact command is recorded in the sidecar. Built in a temporary folder that is
-    renamed at the end, so a killed first run never leaves a half checkpoint behind. Trains in this process
-    alone: under torchrun call it on rank 0 only and broadcast the path (the other ranks wait at a barrier).
-    """
-    import shutil
-    import tempfile
-
-    from .train_denoiser import main
-
-    data_root = Path(data_root)
-    final = data_root.parent / f"{data_root.name}.denoiser-{steps}"
-    ckpt = final / "model.pt"
-    if sidecar_path(ckpt).is_file():
-        return ckpt
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
-    argv = ["--data", str(data_root / "train"), "--val", str(data_root / "val"),
-            "--config", json.dumps({k: getattr(DEMO_CONFIG, k) for k in (
-                "model_channels", "num_res_blocks", "channel_mult", "attention_ds", "resblock_updown")}),
-            "--image-size", str(DEMO_CONFIG.image_size), "--steps", str(steps), "--batch-size", "32",
-            "--lr", "2e-3", "--ema-rate", "0.95", "--seed", "0", "--eval-every", str(steps), "--log-every", "10",
-            "--workers", "0", "--out", str(tmp / "model.pt")]
-    say(f"training the demo's denoiser once ({steps} steps; cached in {final}): python -m "
-        f"diffaug_fast.train_denoiser {' '.join(argv)}")
-    start = time.perf_counter()
-    try:
-        main(argv, single_process=True)
-        if final.exists():  # an older, incomplete attempt
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    say(f"demo denoiser trained in {time.perf_counter() - start:.0f} s: {ckpt}")
-    return ckpt
-
-
-def demo_psnr_report(ckpt: str | os.PathLike, data_root: str | os.PathLike, n: int = 64, say=print) -> list[dict]:
-    """The demo's printed denoiser table: one-step PSNR by t on ``n`` val images of the demo data."""
-    from .data import build_loader, scan_dataset
-    from .denoiser import load_denoiser
-
-    den = load_denoiser(ckpt)
-    index = scan_dataset(Path(data_root) / "val", progress=False)
-    size = den.config.image_size
-    sub = index.subset(list(range(0, len(index), max(1, len(index) // n)))[:n])  # spread over the classes
-    loader = build_loader(sub, "val", batch_size=len(sub), backend="torch", output="float", mean=(0.5,) * 3,
-                          std=(0.5,) * 3, channels_last=False, num_workers=0, crop_size=size, resize_size=size)
-    images = next(iter(loader))["image"]
-    rows = psnr_table(den, images, ts=(50, 100, 250, 500, 750), seed=0)
-    say(format_psnr_table(rows, f"denoiser {ckpt} on {len(images)} val images: one-step PSNR (dB)"))
-    return rows

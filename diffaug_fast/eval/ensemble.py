@@ -13,16 +13,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .augment import augment
-from .denoiser import Denoiser
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..data import build_loader, scan_dataset
+from ..diffusion.denoiser import Denoiser
+from ..ops.augment import augment
 
 __all__ = ["DE_TIMESTEPS", "IMAGENET_MEAN", "IMAGENET_STD", "ensemble_probs", "evaluate", "subset_indices",
            "evaluate_folder", "evaluate_corruptions", "val_batches", "CORRUPTIONS", "ALEXNET_ERR",
            "summarize_corruptions"]
 
 DE_TIMESTEPS: tuple[int, ...] = tuple(range(0, 500, 50))
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def subset_indices(eval_classes: Sequence[str], train_classes: Sequence[str]) -> list[int] | None:
@@ -122,8 +122,6 @@ def evaluate(
 def val_batches(index, *, batch_size, backend, device, **geometry):
     """(images, labels) batches of ``index``: Resize + CenterCrop views, float NCHW on ``device``, normalized
     with ``geometry``'s mean/std (ImageNet's by default; mean=(0,)*3, std=(1,)*3 gives [0, 1] images)."""
-    from .data import build_loader
-
     loader = build_loader(index, "val", batch_size=batch_size, backend=backend, output="float", channels_last=True,
                           device=device if device is not None and torch.device(device).type == "cuda" else None,
                           **geometry)
@@ -149,8 +147,6 @@ def evaluate_folder(
 
     Folders that name a subset of the training classes (ImageNet-R/A) are scored on that subset.
     """
-    from .data import scan_dataset
-
     index = scan_dataset(index_or_root, progress=False) if isinstance(index_or_root, (str, Path)) else index_or_root
     class_idx = subset_indices(index.classes, train_classes)
     batches = val_batches(index, batch_size=batch_size, backend=backend, device=torch.device(device), **geometry)

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import torch
 
-from .augment import augment
-from .data import build_loader
-from .ensemble import DE_TIMESTEPS, IMAGENET_MEAN, IMAGENET_STD, evaluate_corruptions, evaluate_folder
-from .ops.fused import to_unit
-from .viz import save_grid
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..data import build_loader
+from ..eval.ensemble import DE_TIMESTEPS, evaluate_corruptions, evaluate_folder
+from ..eval.ood import demo_auroc_line
+from ..eval.smoothing import demo_certify_line
+from ..ops.augment import augment
+from ..ops.fused import to_unit
+from ..viz import save_grid
+from .demo import demo_psnr_report
+from .step import DiffAugPlan, StepParts, step_generator, train_step
 
 __all__ = ["final_report", "bench_steps", "first_of_each_class", "GRID_TS"]
 
@@ -21,7 +26,7 @@ GRID_TS = (0, 100, 250, 500, 750, 999)
 
 
 def final_report(tr) -> dict:
-    """tr: the finished :class:`diffaug_fast.training.Trainer` (rank 0)."""
+    """tr: the finished :class:`diffaug_fast.train.engine.Trainer` (rank 0)."""
     s, say, den, dev = tr.s, tr.say, tr.den, tr.device
     common = dict(batch_size=tr.per_rank, backend=s.loader, device=dev, autocast_dtype=tr.amp_dtype,
                   num_workers=s.workers, **tr.geometry)
@@ -76,12 +81,8 @@ def accuracy_table(val: dict | None, corrupted: list[dict], val_c: Path) -> str:
 def demo_extras(tr, common: dict) -> dict:
     """The embedded demo's other tables: the denoiser's one-step PSNR, one OOD line (val vs the never-trained
     ood/ shapes) and one certified-accuracy line (denoised smoothing, a few images, small n)."""
-    from .denoiser_training import demo_psnr_report
-    from .ood import demo_auroc_line
-    from .smoothing import demo_certify_line
-
     s, say, out = tr.s, tr.say, {}
-    if s.unet and getattr(tr, "demo_unet", False):
+    if s.unet and tr.demo_unet:
         out["psnr"] = demo_psnr_report(s.unet, tr.root, say=say)
     geo = dict(crop_size=s.image_size, resize_size=s.resize_size, device=tr.device, num_workers=0)
     if (tr.root / "ood").is_dir():
@@ -110,8 +111,6 @@ def first_of_each_class(val_index, geometry, backend, limit: int = 6) -> torch.T
 
 def bench_steps(tr) -> dict:
     """Time a few steps baseline (clean only) vs DiffAug online on throwaway copies of the model."""
-    from .training import step_generator, train_step
-
     s, dev = tr.s, tr.device
     batch = next(iter(tr.loader))
     res = {}
@@ -123,11 +122,12 @@ def bench_steps(tr) -> dict:
         buf = torch.empty((2 + tr.recipe.num_extra_views) * b, *batch["clean"].shape[1:], device=dev,
                           memory_format=torch.channels_last)
         d = tr.den if mode == "diffaug" else None
+        parts = StepParts(m, o, sc, buf, dev, tr.amp_dtype, DiffAugPlan.of(s, d), tr.recipe)
         times = []
         for i in range(s.bench_steps + 1):
-            g = step_generator(s, 10**6, i, 0, dev)
+            g = step_generator(s.seed, 10**6, i, 0, dev)
             t0 = time.perf_counter()
-            train_step(m, o, sc, batch, d, s, g, buf, dev, tr.amp_dtype, tr.recipe)[0].item()
+            train_step(parts, batch, g)[0].item()
             times.append(time.perf_counter() - t0)
         res[mode] = b / (sum(times[1:]) / s.bench_steps)
     tr.say(f"throughput (clean images/s, {s.bench_steps} timed steps): baseline {res['baseline']:.1f}, "

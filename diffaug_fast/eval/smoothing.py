@@ -31,8 +31,12 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from torch import nn
 
-from .denoiser import Denoiser
-from .ops import fused
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..data import scan_dataset
+from ..diffusion.denoiser import Denoiser
+from ..ops import fused
+from .ensemble import val_batches
+from .models import with_normalization
 
 __all__ = ["Smooth", "ABSTAIN", "lower_confidence_bound", "certified_accuracy", "RADII", "demo_certify_line"]
 
@@ -197,16 +201,12 @@ class Smooth:
 
 
 def demo_certify_line(model: nn.Module, data_root, *, crop_size: int, resize_size: int,
-                      mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                       denoiser: Denoiser | None = None, sigma: float = 0.25, n_images: int = 4, n0: int = 10,
                       n: int = 100, alpha: float = 0.001, device: torch.device | str = "cpu",
                       backend: str = "auto", num_workers: int = 0) -> str:
     """One line for the demo: certified accuracy at radius 0 and sigma of ``n_images`` images spread over
     <data_root>/val (n noisy copies each; with a denoiser, n UNet calls per image: seconds at demo size)."""
-    from .data import scan_dataset
-    from .ensemble import val_batches
-    from .models import with_normalization
-
     index = scan_dataset(Path(data_root) / "val", progress=False)
     picks = np.linspace(0, len(index) - 1, min(n_images, len(index))).round().astype(int)
     sub = index.subset(picks)

@@ -26,8 +26,8 @@ import torch
 import torchvision
 from torch import nn
 
+from ..runs import RunError, load_checkpoint_file
 from .ensemble import IMAGENET_MEAN, IMAGENET_STD
-from .runs import RunError, load_checkpoint_file
 
 __all__ = ["load_classifier", "read_classes", "features_and_head", "FeatureHead", "with_normalization"]
 

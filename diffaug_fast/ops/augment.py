@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .denoiser import Denoiser
-from .ops import fused
+from ..diffusion.denoiser import Denoiser
+from . import fused
 
 __all__ = ["augment", "resolve_timesteps", "check_images", "as_nchw"]
 

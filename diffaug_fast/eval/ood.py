@@ -34,6 +34,12 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from ..data import scan_dataset
+from ..ops.augment import augment
+from .ensemble import val_batches
+from .models import features_and_head
+
 __all__ = ["DETECTORS", "Detectors", "metrics", "react_clip", "ash_s", "scale_shape", "energy", "image_index",
            "collect_features"]
 
@@ -154,8 +160,6 @@ def image_index(root: str | os.PathLike, **scan_kw):
     OOD sets carry no labels the classifier knows, so the folder structure only locates the files.
     SystemExit with one line when ``root`` is missing or holds no readable image.
     """
-    from .data import scan_dataset
-
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"{root}: no such directory")
@@ -183,8 +187,6 @@ def collect_features(features, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     features: ``FeatureHead.features``. With a denoiser each t > 0 copy is a DiffAug view with fresh noise.
     """
     from tqdm import tqdm
-
-    from .augment import augment
 
     out, labels, g = [], [], None
     for x, y in tqdm(batches, desc=progress, disable=progress is None, leave=False):
@@ -240,15 +242,11 @@ def _bar(it, desc):
 
 
 def demo_auroc_line(model: nn.Module, data_root: str | os.PathLike, *, crop_size: int, resize_size: int,
-                    mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
+                    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                     detector: str = "msp", device: torch.device | str = "cpu", batch_size: int = 32,
                     backend: str = "auto", num_workers: int = 0) -> str:
     """One line for the demo: AUROC of ``detector`` with <data_root>/val as in-distribution and the
     never-trained shapes in <data_root>/ood as OOD (plain classifier, no DiffAug; a few seconds)."""
-    from .data import scan_dataset
-    from .ensemble import val_batches
-    from .models import features_and_head
-
     root = Path(data_root)
     fh = features_and_head(model)
     geometry = dict(crop_size=crop_size, resize_size=resize_size, mean=tuple(mean), std=tuple(std))

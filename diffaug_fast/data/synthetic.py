@@ -14,13 +14,14 @@ leaves a half dataset behind.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ..constants import cache_dir
 
 __all__ = ["CLASSES", "OOD_CLASSES", "CORRUPTIONS", "cache_dir", "make_synthetic_dataset", "corrupt"]
 
@@ -30,13 +31,6 @@ CORRUPTIONS = ("gaussian_noise", "blur", "contrast")
 # v2: val grown from 12 to 100 per class (a top-1 difference of a few points is readable on 400 images), ood/ added
 # v3: light shapes on a dark ground (see _draw)
 _VERSION = "v3"
-
-
-def cache_dir() -> Path:
-    if os.environ.get("DIFFAUG_CACHE"):
-        return Path(os.environ["DIFFAUG_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "diffaug_fast"
 
 
 def _draw(cls: str, size: int, rng: np.random.Generator) -> Image.Image:

@@ -31,7 +31,8 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from .runs import RunError, load_checkpoint_file
+from ...constants import IMAGENET_MEAN
+from ...runs import RunError, load_checkpoint_file
 
 __all__ = ["InitError", "create_vit", "load_init", "create_optimizer", "create_scheduler", "PairMix",
            "SeededRandAugment", "soft_cross_entropy"]
@@ -215,7 +216,7 @@ class SeededRandAugment:
     clean view a function of (seed, epoch, image), so it is independent of worker count and replays on resume.
     """
 
-    def __init__(self, config: str, img_size: int, mean=(0.485, 0.456, 0.406)):
+    def __init__(self, config: str, img_size: int, mean=IMAGENET_MEAN):
         from PIL import Image
 
         # the hyper-parameters timm's create_transform passes (translate 45% of the size, fill = the mean colour)

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..diffusion.denoiser import Denoiser
 from .augment import augment
-from .denoiser import Denoiser
-from .ops.fused import Workspace
+from .fused import Workspace
 
 __all__ = ["DiffAug"]
 
