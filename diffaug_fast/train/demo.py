@@ -21,7 +21,7 @@ from ..diffusion.loss import format_psnr_table, psnr_table
 from ..diffusion.unet import UNetConfig
 from .denoiser import main as train_denoiser_main
 
-__all__ = ["DEMO_CONFIG", "DemoSetup", "classifier_demo", "demo_denoiser", "demo_psnr_report"]
+__all__ = ["DEMO_CONFIG", "DemoSetup", "classifier_demo", "demo_denoiser", "demo_unet", "demo_psnr_report"]
 
 # The demo's denoiser: our guided family (resblock up/down, scale-shift norm), learned sigma, linear 1000 steps
 # (t over 0..999, DiffAug's range), no attention, 0.94 M parameters;
@@ -94,6 +94,11 @@ def demo_denoiser(data_root: str | os.PathLike, *, steps: int = 120, say=print) 
             shutil.rmtree(tmp, ignore_errors=True)
     say(f"demo denoiser trained in {time.perf_counter() - start:.0f} s: {ckpt}")
     return ckpt
+
+
+def demo_unet(data_root: str | os.PathLike, say=print) -> Path:
+    """The demo's denoiser for the data at ``data_root``: trained once by :func:`demo_denoiser`, cached."""
+    return demo_denoiser(data_root, say=say)
 
 
 def demo_psnr_report(ckpt: str | os.PathLike, data_root: str | os.PathLike, n: int = 64, say=print) -> list[dict]:

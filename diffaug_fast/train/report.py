@@ -11,7 +11,7 @@ import torch
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data import build_loader
-from ..eval.ensemble import DE_TIMESTEPS, evaluate_corruptions, evaluate_folder
+from ..eval.ensemble import DE_TIMESTEPS, evaluate_corruptions, evaluate_folder, protocol_text
 from ..eval.ood import demo_auroc_line
 from ..eval.smoothing import demo_certify_line
 from ..ops.augment import augment
@@ -29,14 +29,16 @@ def final_report(tr) -> dict:
     """tr: the finished :class:`diffaug_fast.train.engine.Trainer` (rank 0)."""
     s, say, den, dev = tr.s, tr.say, tr.den, tr.device
     common = dict(batch_size=tr.per_rank, backend=s.loader, device=dev, autocast_dtype=tr.amp_dtype,
-                  num_workers=s.workers, **tr.geometry)
-    out: dict = {}
+                  num_workers=s.workers, **tr.eval_geometry)
+    out: dict = {"eval_view": protocol_text(tr.eval_geometry)}
+    say(f"evaluation view (val and corrupted val below): {out['eval_view']}")
     if s.de_eval and den is not None:
         res = evaluate_folder(tr.model, tr.val_index, tr.classes, denoiser=den, timesteps=DE_TIMESTEPS, **common)
         say(f"val top-1: plain {res['top1']:.2f}%, DiffAug Ensemble {res['top1_de']:.2f}% "
             f"(t in {list(DE_TIMESTEPS)}, {res['n']} images)")
         out["val"] = res
-    val_c = Path(s.val_c) if s.val_c else (tr.root / "val-c" if (tr.root / "val-c").is_dir() else None)
+    val_c = (None if s.val_c == "none" else Path(s.val_c) if s.val_c else
+             tr.root / "val-c" if (tr.root / "val-c").is_dir() else None)
     if val_c is not None:
         table = evaluate_corruptions(tr.model, val_c, tr.classes, denoiser=den if s.de_eval else None, **common)
         say(accuracy_table(out.get("val"), table, val_c))
