@@ -122,3 +122,37 @@ def test_bad_input():
         smooth.certify(x[None], 10, 100, 0.001, 50)
     with pytest.raises(ValueError, match="3 logits"):
         Smooth(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)), 2, 0.5).predict(x, 10, 0.001, 10)
+
+
+def test_certify_and_predict_refuse_what_is_not_a_0_1_image(pair):
+    """As augment's check_images does for [-1, 1]: NaN/inf, [0, 255] pixels, [-1, 1] or normalized images,
+    uint8, and channels the UNet cannot take are one ValueError each, before any sample is drawn."""
+    w, x = _linear_points()
+    calls = []
+
+    class Spy(Linear2):
+        def forward(self, v):
+            calls.append(len(v))
+            return super().forward(v)
+
+    smooth = Smooth(Spy(w, 0.0), 2, 0.5)
+    bad = x.clone()
+    bad[0, 1, 2] = float("nan")
+    for img, match in [(bad, r"non-finite values \(NaN or inf\)"),
+                       (x * 255, r"must lie in \[0, 1\] .* \[0, 255\] pixels: use x / 255"),
+                       (x * 2 - 1, r"must lie in \[0, 1\] .* a \[-1, 1\] image: use \(x \+ 1\) / 2"),
+                       ((x - 0.45) / 0.05, r"must lie in \[0, 1\] .* mean/std-normalized"),
+                       ((x * 255).to(torch.uint8), r"one float image \[C, H, W\] in \[0, 1\]; got .*uint8 .*x.float\(\) / 255")]:
+        with pytest.raises(ValueError, match=match):
+            smooth.certify(img, 10, 100, 0.001, 50)
+        with pytest.raises(ValueError, match=match):
+            smooth.predict(img, 100, 0.001, 50)
+    bad[0, 1, 2] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        smooth.certify(bad, 10, 100, 0.001, 50)
+    assert calls == []  # refused before the first noisy batch
+    # a resampling overshoot of a fraction of a grey level is an image, not another convention
+    smooth.certify((x * 1.004).clamp(max=1.004), 10, 100, 0.001, 50)
+    _, _, den = pair
+    with pytest.raises(ValueError, match="x has 1 channels in dim 0, the UNet takes 3"):
+        Smooth(torch.nn.Identity(), 2, 0.5, den).certify(torch.rand(1, 32, 32), 10, 100, 0.001, 50)

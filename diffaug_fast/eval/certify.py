@@ -2,21 +2,30 @@
 diffusion denoised smoothing (Carlini et al. 2023) when --unet is given: the paper's certified table.
 
     python train/certify.py --ckpt runs/vit/last.pt --data imagenet/val --sigma 0.25 0.5 1.0 \\
-        --n0 100 --n 10000 --alpha 0.001 --skip 50 --unet 256x256_diffusion_uncond.pt --out certify/
+        --unet 256x256_diffusion_uncond.pt --out certify/
+
+The defaults are Cohen et al.'s ImageNet protocol (locuslab/smoothing: CERTIFY with N0 = 100, N = 100,000,
+alpha = 0.001, every 100th val image); ``--n 10000 --skip 50`` is the ImageNet command of Carlini et al.'s
+README (ethz-spylab/diffusion_denoised_smoothing), ten times cheaper per image, with a smaller largest
+certifiable radius (3.20 sigma instead of 3.81 sigma at alpha 0.001, printed before the run).
 
 Every --skip-th image of the class-folder dataset --data is certified once per sigma (CERTIFY with n0
 selection and n estimation samples, Clopper-Pearson at level alpha). One line per image is appended to
-<out>/sigma_<s>.tsv (idx, label, predict, radius, correct, time) and flushed: rerun the same command
+<out>/sigma_<s>.tsv (idx, label, predict, radius, correct, time) and fsynced: rerun the same command
 after an interruption and finished images are skipped (the noise of each image depends only on its
-index, so the result equals an uninterrupted run). At the end <out>/certified_accuracy.{csv,json,png}
-hold certified accuracy at radii 0, 0.5, ..., 3.0 per sigma and the best sigma per radius.
-Cost: images x (n0 + n) classifier calls per sigma, and as many UNet calls with --unet.
+index, so the result equals an uninterrupted run). <out>/settings.json records what the certificates
+depend on (checkpoint and UNet sha256, the dataset's file list and content, n0, n, alpha, ...): a rerun that
+differs in any of them, or a TSV it does not list, is refused unless --overwrite. At the end
+<out>/certified_accuracy.{csv,json,png} hold certified accuracy at radii 0, 0.5, ..., 3.0 per sigma and the
+best sigma per radius. Cost: images x (n0 + n) classifier calls per sigma, and as many UNet calls with --unet.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -27,43 +36,59 @@ from tqdm import tqdm
 
 import diffaug_fast as df
 
+from ..bank import unet_gflops
 from ..data import scan_dataset
 from ..hardware import fast_half_dtype
 from ..io import atomic_write_bytes
 from ..runs import RunError, open_run
+from .certify_files import (
+    HEADER,
+    append_record,
+    check_folder,
+    cut_torn_tail,
+    discard_results,
+    read_tsv,
+    run_settings,
+    tsv_path,
+)
 from .ensemble import val_batches
 from .models import load_classifier, with_normalization
-from .smoothing import RADII, Smooth, certified_accuracy
+from .smoothing import RADII, Smooth, certified_accuracy, max_certifiable_radius
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
-SETTINGS_KEYS = ("ckpt", "unet", "n0", "n", "alpha", "skip", "max", "seed")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+PROBE_VIEWS = 32  # noisy views in the timed probe batch (at most --batch-size)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--arch", default=None)
-    p.add_argument("--classes", default=None)
+    p.add_argument("--ckpt", required=True, help="classifier: our checkpoint, or a torchvision/timm state_dict")
+    p.add_argument("--arch", default=None, help="architecture of a bare state_dict (e.g. resnet50)")
+    p.add_argument("--classes", default=None, help="classes.json for a bare state_dict")
     p.add_argument("--data", required=True, help="class-folder dataset (e.g. ImageNet val)")
-    p.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5, 1.0])
-    p.add_argument("--n0", type=int, default=100)
-    p.add_argument("--n", type=int, default=10_000)
-    p.add_argument("--alpha", type=float, default=0.001)
-    p.add_argument("--skip", type=int, default=50, help="certify every skip-th image")
+    p.add_argument("--sigma", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                   help="noise levels (pixel std in [0, 1] units); one TSV each")
+    p.add_argument("--n0", "--N0", dest="n0", type=int, default=100, help="samples that select the class (Cohen's N0)")
+    p.add_argument("--n", "--N", dest="n", type=int, default=100_000,
+                   help="samples that certify it (Cohen's N; --N also passes through torchrun, which takes --n "
+                        "for its own --nnodes/--nproc-per-node)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
+    p.add_argument("--skip", type=int, default=100, help="certify every skip-th image (100: 500 of ImageNet val)")
     p.add_argument("--max", type=int, default=None, help="at most this many images")
-    p.add_argument("--batch-size", type=int, default=400, help="noisy copies per classifier/UNet call")
+    p.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=400,
+                   help="noisy copies per classifier/UNet call (memory is flat in n)")
     p.add_argument("--unet", default=None, help="diffusion checkpoint: denoised smoothing (else plain smoothing)")
-    p.add_argument("--unet-preset", default=None)
+    p.add_argument("--unet-preset", default=None, help="architecture preset of --unet (default: inferred)")
     p.add_argument("--amp", action="store_true", help="classifier and UNet in half precision (GPU)")
-    p.add_argument("--loader", default="auto")
+    p.add_argument("--loader", default="auto", help="image decoding: auto, dali or torch")
     p.add_argument("--workers", type=int, default=2, help="decoding threads/processes (0: in the main process)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="certify_out")
+    p.add_argument("--seed", type=int, default=0, help="noise key: the same seed repeats every certificate")
+    p.add_argument("--out", default="certify_out", help="folder of the TSVs, settings.json and the table")
     p.add_argument("--overwrite", action="store_true", help="discard results made with other settings")
     a = p.parse_args(argv)
-    bad = [s for s in a.sigma if not s > 0]
+    bad = [s for s in a.sigma if not (math.isfinite(s) and s > 0)]
     if bad:
-        raise SystemExit(f"--sigma {bad[0]}: the noise level must be > 0 (pixel std in [0, 1] units, e.g. 0.25 0.5 1.0)")
+        raise SystemExit(f"--sigma {bad[0]}: the noise level must be > 0 and finite (pixel std in [0, 1] units, "
+                         "e.g. 0.25 0.5 1.0)")
     if a.n < 1 or a.n0 < 1 or a.n0 > a.n:
         raise SystemExit(f"--n0 {a.n0} --n {a.n}: need 1 <= n0 <= n (n0 samples pick the class, n certify it)")
     if not 0 < a.alpha < 0.5:
@@ -73,57 +98,31 @@ def parse_args(argv):
     return a
 
 
-def tsv_path(out: Path, sigma: float) -> Path:
-    return out / f"sigma_{sigma:g}.tsv"
+def _write_or_exit(data: bytes, path: Path, kept: str) -> None:
+    try:
+        atomic_write_bytes(data, path)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        raise SystemExit(f"no space left on the device of {path.parent} writing {path.name}: {kept}; free space "
+                         "and rerun the same command to continue") from None
 
 
-def read_tsv(path: Path) -> dict[int, dict]:
-    """Finished images of one sigma: idx -> row. A torn last line (killed mid-write) is ignored."""
-    rows = {}
-    if not path.exists():
-        return rows
-    for line in path.read_text().splitlines()[1:]:
-        f = line.split("\t")
-        if len(f) != 6:
-            continue
-        try:
-            rows[int(f[0])] = {"label": int(f[1]), "predict": int(f[2]), "radius": float(f[3]),
-                               "correct": int(f[4]), "time": float(f[5])}
-        except ValueError:
-            continue
-    return rows
+# ---------------------------------------------------------------------------------------------------- certifying
 
 
-def check_settings(out: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to mix certificates made with other settings into the same TSVs (unless --overwrite)."""
-    path = out / "settings.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = [k for k in SETTINGS_KEYS if old.get(k) != settings.get(k)]
-        if diff and not overwrite:
-            raise SystemExit(f"{out} holds certificates made with other settings ({', '.join(diff)}: "
-                             f"{[old.get(k) for k in diff]} -> {[settings.get(k) for k in diff]}); "
-                             "pass --overwrite to discard them, or another --out")
-        if diff:
-            for p in out.glob("sigma_*.tsv"):
-                p.unlink()
-    atomic_write_bytes(json.dumps(settings, indent=1).encode(), path)
-
-
-def certify_sigma(smooth: Smooth, index, picks: list[int], path: Path, a, loader_kw: dict) -> None:
-    done = read_tsv(path)
-    todo = [i for i in picks if i not in done]
-    if done:
-        print(f"sigma {smooth.sigma:g}: {len(done)} images already certified in {path}, {len(todo)} to go")
+def certify_sigma(smooth: Smooth, index, todo: list[int], path: Path, a, loader_kw: dict) -> None:
+    """Certify the images ``todo`` at ``smooth.sigma``, appending one fsynced TSV line each."""
     if not todo:
         return
+    cut_torn_tail(path)
     numel = 3 * loader_kw["crop_size"] ** 2
-    with open(path, "a") as f:
-        if f.tell() == 0:
-            f.write(HEADER)
-        elif not path.read_text().endswith("\n"):
-            f.write("\n")  # end a line torn by a kill, so the next record starts cleanly
-        bar = tqdm(total=len(todo), desc=f"sigma {smooth.sigma:g}")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    bar = tqdm(total=len(todo), desc=f"sigma {smooth.sigma:g}")
+    idx = None
+    try:
+        if os.fstat(fd).st_size == 0:
+            append_record(fd, HEADER)
         it = iter(todo)
         for x, y in val_batches(index.subset(todo), **loader_kw):
             for xi, yi in zip(x, y.tolist(), strict=True):
@@ -132,11 +131,59 @@ def certify_sigma(smooth: Smooth, index, picks: list[int], path: Path, a, loader
                 t0 = time.perf_counter()
                 label, radius = smooth.certify(xi, a.n0, a.n, a.alpha, a.batch_size)
                 dt = time.perf_counter() - t0
-                f.write(f"{idx}\t{yi}\t{label}\t{radius:.4f}\t{int(label == yi)}\t{dt:.3f}\n")
-                f.flush()
-                os.fsync(f.fileno())
+                append_record(fd, f"{idx}\t{yi}\t{label}\t{radius:.4f}\t{int(label == yi)}\t{dt:.3f}\n")
                 bar.update(1)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        where = f"image {idx}" if idx is not None else "the header"
+        raise SystemExit(f"no space left on the device of {path.parent} while appending {where} to {path.name}: "
+                         f"every image certified before it is kept ({bar.n} in this run; a torn last line is cut "
+                         "on the next run); free space and rerun the same command to continue") from None
+    finally:
+        os.close(fd)
         bar.close()
+
+
+def probe(classifier, num_classes: int, den, sigma: float, crop: int, device, amp, views: int) -> float:
+    """Run the whole pipeline (noise, UNet, classifier) on a mid-grey crop x crop image before anything is
+    written, so a UNet or classifier that cannot take the classifier's crop, or a head of another size, is one
+    line instead of a traceback after the TSV header. Returns views/s of one timed batch (warm-up excluded)."""
+    smooth = Smooth(classifier, num_classes, sigma, den, autocast_dtype=amp)
+    x = torch.full((3, crop, crop), 0.5, device=device)
+    try:
+        smooth._sample_counts(x, 1, 1)  # warm-up: first-call allocations, cudnn autotuning
+        t0 = time.perf_counter()
+        smooth._sample_counts(x, views, views)  # ends with .cpu(): synchronized
+    except Exception as e:  # whatever the model raises (RuntimeError, timm's AssertionError on a fixed size, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SystemExit(f"certification fails on a {crop}x{crop} image (the classifier's crop): "
+                         f"{type(e).__name__}: {first[:300]}") from None
+    return views / max(time.perf_counter() - t0, 1e-9)
+
+
+def say_plan(a, picks: list[int], todo: dict[float, list[int]], den, crop: int, rate: float, views: int) -> None:
+    """Before the run: the protocol, the largest radius n can certify, and the calls and time left."""
+    per = a.n0 + a.n
+    print(f"certifying {len(picks)} images of {a.data} (--skip {a.skip}) at sigma "
+          f"{', '.join(f'{s:g}' for s in a.sigma)}: n0 = {a.n0:,}, n = {a.n:,}, alpha = {a.alpha:g}")
+    caps = {s: max_certifiable_radius(s, a.n, a.alpha) for s in a.sigma}
+    print(f"largest certifiable radius at n = {a.n:,}, alpha = {a.alpha:g}: {caps[a.sigma[0]] / a.sigma[0]:.2f} sigma = "
+          + ", ".join(f"{r:.2f} (sigma {s:g})" for s, r in caps.items())
+          + "; larger radii are never certified, whatever the classifier")
+    left = sum(len(v) for v in todo.values())
+    calls = left * per
+    what = "plain randomized smoothing: no --unet" if den is None else f"and as many UNet calls ({den.name})"
+    print(f"{left} of {len(picks) * len(a.sigma)} (image, sigma) certificates to go: {calls:,} classifier calls ({what})")
+    if den is not None and calls:
+        g = unet_gflops(den, crop)
+        print(f"  UNet at {crop}x{crop}: {g:.2f} GFLOP per call = {g * calls / 1e6:.3f} PFLOP in total")
+    if calls:
+        print(f"  about {calls / rate / 3600:.2f} h at the {rate:.1f} noisy views/s of a probe batch of {views} "
+              f"(--batch-size {a.batch_size} runs faster per view on a GPU)")
+
+
+# ---------------------------------------------------------------------------------------------------- the table
 
 
 def write_table(out: Path, sigmas: list[float]) -> dict:
@@ -153,9 +200,16 @@ def write_table(out: Path, sigmas: list[float]) -> dict:
     lines += [f"{s},{v['n_images']}," + ",".join(f"{100 * x:.2f}" for x in v["accuracy"]) for s, v in per.items()]
     lines.append("best,," + ",".join(f"{100 * x:.2f}" for x in best))
     lines.append("best_sigma,," + ",".join(best_sigma))
-    atomic_write_bytes(("\n".join(lines) + "\n").encode(), out / "certified_accuracy.csv")
-    atomic_write_bytes(json.dumps(table, indent=1).encode(), out / "certified_accuracy.json")
-    plot(table, out / "certified_accuracy.png")
+    kept = "every certified image is kept in the TSVs"
+    _write_or_exit(("\n".join(lines) + "\n").encode(), out / "certified_accuracy.csv", kept)
+    _write_or_exit(json.dumps(table, indent=1).encode(), out / "certified_accuracy.json", kept)
+    try:
+        plot(table, out / "certified_accuracy.png")
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        raise SystemExit(f"no space left on the device of {out} writing certified_accuracy.png: {kept}; free "
+                         "space and rerun the same command to continue") from None
     print("certified top-1 % at L2 radius " + " ".join(f"{r:>6g}" for r in RADII))
     for line in lines[1:-1]:
         s, _, *vals = line.split(",")
@@ -177,13 +231,19 @@ def plot(table: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    a = parse_args(argv)
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def load(a):
+    """(index, classifier model, classes, info, device, amp dtype, denoiser or None); bad input is one line."""
     if not Path(a.data).is_dir():
         raise SystemExit(f"--data {a.data}: no such directory")
     try:
@@ -206,32 +266,53 @@ def main(argv: list[str] | None = None) -> dict:
             den = df.load_denoiser(a.unet, a.unet_preset, device=device, dtype=amp or torch.float32)
         except df.CheckpointError as e:
             raise SystemExit(f"--unet {a.unet}: {e}") from None
+        crop, down = info["crop_size"], den.total_downsampling
+        if crop % down:
+            raise SystemExit(f"--unet {a.unet} downsamples {down}x, but the classifier's crop is {crop}x{crop} "
+                             f"(--ckpt {a.ckpt}): denoised smoothing needs a crop that is a multiple of {down}; "
+                             "certify a classifier trained at such a size, or drop --unet")
+    return index, model, classes, info, device, amp, den
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    index, model, classes, info, device, amp, den = load(a)
     picks = list(range(0, len(index), a.skip))[: a.max]
+    crop = info["crop_size"]
+    classifier = with_normalization(model, info["mean"], info["std"])
+    views = min(a.batch_size, PROBE_VIEWS)
+    rate = probe(classifier, len(classes), den, a.sigma[0], crop, device, amp, views)
+    settings = run_settings(a, index, info, amp)
     out = Path(a.out)
     try:
         run = open_run(out)  # locks the folder; refuses a training run's folder
     except RunError as e:
         raise SystemExit(str(e)) from None
-    settings = {"ckpt": str(a.ckpt), "unet": a.unet, "n0": a.n0, "n": a.n, "alpha": a.alpha, "skip": a.skip,
-                "max": a.max, "seed": a.seed, "data": str(a.data), "arch": info["arch"]}
-    check_settings(out, settings, a.overwrite)
-    calls = len(picks) * (a.n0 + a.n)
-    print(f"certifying {len(picks)} images of {a.data} at sigma {', '.join(f'{s:g}' for s in a.sigma)}: "
-          f"{calls:,} classifier calls per sigma" + (f" and as many UNet calls ({den.name})" if den else
-                                                     " (plain randomized smoothing: no --unet)"))
-    classifier = with_normalization(model, info["mean"], info["std"])
-    loader_kw = dict(batch_size=8, backend=a.loader, device=device, crop_size=info["crop_size"],
-                     resize_size=info["resize_size"], mean=(0.0,) * 3, std=(1.0,) * 3,  # [0, 1] images
-                     num_workers=a.workers)
-    for sigma in a.sigma:
-        # the Philox key depends on (seed, sigma) only, so a rerun with another --sigma list keeps each TSV valid
-        smooth = Smooth(classifier, len(classes), sigma, den, seed=a.seed * 100_003 + round(sigma * 1e4),
-                        autocast_dtype=amp)
-        if den is not None:
-            print(f"sigma {sigma:g}: denoising at t* = {smooth.t} (first t with sqrt((1-abar)/abar) >= {2 * sigma:g})")
-        certify_sigma(smooth, index, picks, tsv_path(out, sigma), a, loader_kw)
-    table = write_table(out, list(a.sigma))
-    run.close()
+    try:
+        old = check_folder(out, settings, a.overwrite)
+        if not old:
+            discard_results(out)  # a new folder, or --overwrite of other settings / unknown TSVs
+        settings["sigmas"] = sorted({*old.get("sigmas", []), *a.sigma})
+        todo = {s: [i for i in picks if i not in read_tsv(tsv_path(out, s))] for s in a.sigma}
+        say_plan(a, picks, todo, den, crop, rate, views)
+        _write_or_exit(json.dumps(settings, indent=1).encode(), out / "settings.json", "nothing was certified yet")
+        loader_kw = dict(batch_size=8, backend=a.loader, device=device, crop_size=crop,
+                         resize_size=info["resize_size"], mean=(0.0,) * 3, std=(1.0,) * 3,  # [0, 1] images
+                         num_workers=a.workers)
+        for sigma in a.sigma:
+            # the Philox key depends on (seed, sigma) only, so a rerun with another --sigma list keeps each TSV valid
+            smooth = Smooth(classifier, len(classes), sigma, den, seed=a.seed * 100_003 + round(sigma * 1e4),
+                            autocast_dtype=amp)
+            if den is not None:
+                print(f"sigma {sigma:g}: denoising at t* = {smooth.t} (first t with sqrt((1-abar)/abar) >= {2 * sigma:g})")
+            done = len(picks) - len(todo[sigma])
+            if done:
+                print(f"sigma {sigma:g}: {done} images already certified in {tsv_path(out, sigma)}, "
+                      f"{len(todo[sigma])} to go")
+            certify_sigma(smooth, index, todo[sigma], tsv_path(out, sigma), a, loader_kw)
+        table = write_table(out, list(a.sigma))
+    finally:
+        run.close()
     print(f"wrote {out / 'certified_accuracy.csv'}, .json and .png")
     return table
 

@@ -38,10 +38,14 @@ from ..ops import fused
 from .ensemble import val_batches
 from .models import with_normalization
 
-__all__ = ["Smooth", "ABSTAIN", "lower_confidence_bound", "certified_accuracy", "RADII", "demo_certify_line"]
+__all__ = ["Smooth", "ABSTAIN", "lower_confidence_bound", "max_certifiable_radius", "certified_accuracy", "RADII",
+           "demo_certify_line"]
 
 ABSTAIN = -1
 RADII: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
+# how far outside [0, 1] an image may reach (resampling overshoot) before it is taken for another convention:
+# ops/augment.py's tolerance around [-1, 1], halved for the [0, 1] scale
+_RANGE_TOL = 5e-3
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
@@ -53,6 +57,16 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     if n_a <= 0:
         return 0.0
     return float(beta.ppf(alpha, n_a, n - n_a + 1))
+
+
+def max_certifiable_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY can return with n samples: every one of the n counts on the top class.
+
+    Then pA_lower = Beta(n, 1).ppf(alpha) = alpha ** (1 / n), and the radius is sigma * Phi^-1(alpha ** (1/n)):
+    at alpha = 0.001, 3.20 sigma for n = 10,000 and 3.81 sigma for n = 100,000 (Cohen et al.'s N). Radii
+    above it are never certified, however good the classifier.
+    """
+    return float(sigma) * float(norm.ppf(lower_confidence_bound(int(n), int(n), alpha)))
 
 
 def certified_accuracy(radius: Sequence[float], correct: Sequence[bool], radii: Sequence[float] = RADII) -> list[float]:
@@ -160,17 +174,36 @@ class Smooth:
         return counts.cpu().numpy()
 
     def _check(self, x: torch.Tensor, n: int, alpha: float, batch_size: int) -> None:
+        """One clear ValueError for input CERTIFY/PREDICT cannot take, before any sample is drawn: not one float
+        image [C, H, W], channels or size the UNet cannot take, NaN/inf, values outside [0, 1]."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must be one float image [C, H, W] in [0, 1]; got {got}")
+            got = (f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__)
+            hint = " (uint8 pixels: x.float() / 255)" if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 else ""
+            raise ValueError(f"x must be one float image [C, H, W] in [0, 1]; got {got}{hint}")
         if int(n) < 1 or int(batch_size) < 1:
             raise ValueError(f"n and batch_size must be positive, got n={n}, batch_size={batch_size}")
         if not 0 < alpha < 0.5:
             raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+        if x.numel() == 0:
+            raise ValueError(f"x is an empty image {tuple(x.shape)}")
         if self.denoiser is not None:
-            down, (h, w) = self.denoiser.total_downsampling, x.shape[-2:]
+            cin, down, (h, w) = self.denoiser.config.in_channels, self.denoiser.total_downsampling, x.shape[-2:]
+            if x.shape[0] != cin:
+                raise ValueError(f"x has {x.shape[0]} channels in dim 0, the UNet takes {cin}: x must be [C, H, W]")
             if h % down or w % down:
                 raise ValueError(f"x is {h}x{w}, but the UNet downsamples {down}x: H and W must be multiples of {down}")
+        lo, hi = (v.item() for v in torch.aminmax(x.detach()))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("x contains non-finite values (NaN or inf)")
+        if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
+            if hi > 2 and lo >= -_RANGE_TOL:
+                guess = "it looks like [0, 255] pixels: use x / 255"
+            elif lo >= -1 - _RANGE_TOL and hi <= 1 + _RANGE_TOL:
+                guess = "it looks like a [-1, 1] image: use (x + 1) / 2"
+            else:
+                guess = "it looks mean/std-normalized: undo it (x * std + mean); the classifier normalizes itself"
+            raise ValueError(f"x must lie in [0, 1] (sigma is in those units); its values span [{lo:.3g}, {hi:.3g}]: "
+                             + guess)
 
     # ------------------------------------------------------------------------------------------------
     # Cohen et al.'s CERTIFY and PREDICT
