@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -307,3 +308,84 @@ def test_bad_arguments(index):
         with pytest.raises(ValueError, match="CUDA"):
             build_loader(index, "train", batch_size=2, device="cuda")
     assert build_loader(index, "val", batch_size=2, device="auto").backend == BACKENDS[0]
+
+
+# ---------------------------------------------------------------------------------------------------- changed files
+
+
+def _small_tree(root) -> str:
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        os.makedirs(root / c)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / c / f"{i}.jpg", quality=90)
+    return str(root)
+
+
+def _break(path: str, how: str) -> None:
+    """Make a scanned image undecodable in place (same name, the folder's mtime kept so the scan cache would
+    not notice either): garbage bytes, or the JPEG cut short (its header intact)."""
+    st = os.stat(os.path.dirname(path))
+    data = open(path, "rb").read()
+    open(path, "wb").write(b"no longer an image " * 20 if how == "garbage" else data[: len(data) * 9 // 10])
+    os.utime(os.path.dirname(path), ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("batch_size", [4, 1])  # 1: a batch with nothing left in it
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_images_broken_after_the_scan_are_skipped_alike_by_both_backends(tmp_path, how, batch_size):
+    """An image that cannot be decoded any more is left out of its batch, named once as a warning and listed
+    in ``loader.skipped``, by every backend, with the same batches otherwise (DALI used to fail the epoch
+    with a traceback of its pipeline)."""
+    index = scan_dataset(_small_tree(tmp_path / "t"), cache=False, progress=False)
+    victims = {2: index.files[2], 5: index.files[5]}
+    for path in victims.values():
+        _break(path, how)
+    got = {}
+    for backend in BACKENDS:
+        loader = build_loader(index, "train", batch_size=batch_size, backend=backend, crop_size=16,
+                              resize_size=20, num_workers=1, seed=3, output="float", dtype=torch.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            epochs = [[b["index"].tolist() for b in loader] for _ in range(2)]
+            for b in loader:  # a third epoch: batch tensors agree in length, an empty batch included
+                assert b["clean"].shape[0] == b["diffaug"].shape[0] == b["label"].shape[0] == b["index"].shape[0]
+        named = [str(w.message) for w in caught if "cannot be read any more" in str(w.message)]
+        assert sorted(named) == sorted(f"skipped {p}: it cannot be read any more (changed after the scan); rescan "
+                                       "the dataset to drop it for good" for p in victims.values()), backend
+        assert loader.skipped == victims
+        assert sorted(i for e in epochs for b in e for i in b) == sorted(2 * [i for i in range(8) if i not in victims])
+        got[backend] = epochs
+    assert all(g == got[BACKENDS[0]] for g in got.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_extra_view_source_error_surfaces_as_itself_at_its_batch(index, backend):
+    """A stored view that cannot be given (the bank's BankError on a checksum mismatch) is raised as itself
+    when the loader reaches that image's batch, after the batches before it (DALI, which reads views ahead,
+    used to raise it early, wrapped in its pipeline's traceback)."""
+    from diffaug_fast.bank import BankError
+
+    blank = _png(224)
+
+    def view(epoch, i):
+        if i == victim:
+            raise BankError(f"damaged view in bank B: shard shard-00000.tar, image {i}, view 0: checksum mismatch")
+        return blank
+
+    ld = _loader(index, "train", backend, seed=2, num_workers=0 if backend == "torch" else 1,
+                 extra_views={"bank": view})
+    plan = [b.tolist() for b in ld._plan()]
+    victim = plan[1][2]
+    it = iter(ld)
+    assert next(it)["index"].tolist() == plan[0]
+    with pytest.raises(BankError, match=rf"damaged view in bank B: shard shard-00000.tar, image {victim}, view 0"):
+        next(it)
+
+
+def _png(size: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size)).save(buf, format="PNG")
+    return buf.getvalue()

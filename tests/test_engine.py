@@ -102,6 +102,15 @@ def test_locked_run_names_the_holder(data, tmp_path):
     rn50.main(_argv(data, tmp_path, "--max-steps", "1"))
 
 
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".", "", "ABS"])
+def test_run_name_must_be_a_plain_folder_name(data, tmp_path, name):
+    """--run-name is the folder under --out: a path is refused before anything is written (it would have put
+    the run, and --overwrite's deletions, outside --out)."""
+    name = str(tmp_path / "abs") if name == "ABS" else name
+    _fails(_argv(data, tmp_path / "out", "--overwrite", name=name), f"--run-name {name!r}: give a plain folder name")
+    assert list(tmp_path.iterdir()) == []  # neither --out nor anything beside it was created
+
+
 def test_demo_is_rerunnable(tmp_path):
     argv = ["--out", str(tmp_path), "--arch", "resnet18", "--batch-size", "8", "--image-size", "32", "--resize-size",
             "36", "--max-steps", "1", "--bench-steps", "0", "--no-de-eval", "--loader", "torch", "--workers", "0",

@@ -89,9 +89,14 @@ def bank_copy(setup, tmp_path):
 
 @pytest.fixture
 def inprocess():
-    """build_bank in this process installs SIGTERM/SIGINT handlers: put pytest's back afterwards."""
+    """build_bank in this process installs SIGTERM/SIGINT handlers: put pytest's back afterwards. One intra-op
+    thread, as the reference build's subprocess (OMP_NUM_THREADS=1): a view's bytes depend on the thread count
+    (the manifest records it for verify), so with the machine's default the shards differed from the reference."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield lambda *argv: bk.main(list(argv))
+    torch.set_num_threads(threads)
     for s, h in saved.items():
         signal.signal(s, h)
 
@@ -400,3 +405,62 @@ def test_trainer_refuses_mismatch_and_damaged_view_or_makes_it_online(bank_copy,
     steps = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     assert all(r["images_in_batch"] == 8 for r in steps if r["event"] == "step")  # clean + one view each
     assert [r["steps"] for r in steps if r["event"] == "summary"] == [2]  # both batches trained
+
+
+def test_damaged_view_under_the_dali_loader_is_one_line_naming_the_flag(bank_copy, setup, tmp_path):
+    """The default loader (DALI) reads stored views inside its pipeline: a view failing its checksum still
+    stops training with one line naming (shard, image, view) and the flag --bank-on-bad online (it used to be
+    that line under ~60 lines of DALI traceback, suggesting on_bad=online)."""
+    if "dali" not in df.data.available_backends():
+        pytest.skip("dali not installed")
+    victim = 5
+    v = bk.pick_view(0, 0, victim, 2)
+    shard = _flip_view_byte(bank_copy, victim, v)
+    res = _train(setup, bank_copy, tmp_path, "--loader", "dali")
+    assert res.returncode != 0, res.stdout[-2000:]
+    lines = [x for x in res.stderr.splitlines() if f"shard {shard}, image {victim}, view {v}: checksum mismatch" in x]
+    assert len(lines) == 1 and "--bank-on-bad online" in lines[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "on_bad=online" not in res.stderr, res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------- build misuse
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--t-min", "500", "--t-max", "100"], "--t-min 500 --t-max 100: the views' t is drawn from [t_min, t_max)"),
+    (["--t-min", "-1"], "0 <= t_min < t_max is needed"),
+    (["--t-max", "5000"], "--t-max 5000: the UNet's schedule (linear) has 1000 steps"),
+    (["--t-min", "1000"], "--t-min 1000: the views' t is drawn from [t_min, 1000), which is empty"),
+    (["--image-size", "31", "--resize-size", "36"], "--image-size 31: the UNet downsamples 4x in total"),
+    (["--image-size", "24"], "--image-size 24 --resize-size 20: "),
+    (["--shard-images", "0"], "--shard-images 0: must be >= 1"),
+    (["--data", "EMPTY"], "no class folders found"),
+    (["--data", "NOIMAGES"], "no valid images found (0 images in 1 classes, 1 bad files; bad: "),
+])
+def test_build_misuse_is_one_line_before_anything_is_written(setup, tmp_path, inprocess, extra, match):
+    """Bad build settings are refused with one line before --out is created: an inverted or too large t range
+    used to build a bank with t outside it (or fail after plan.json, so the corrected rerun was refused as
+    "t_range differ"), an image size the UNet cannot take and an empty --data were raw tracebacks."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noimg" / "cls").mkdir(parents=True)
+    (tmp_path / "noimg" / "cls" / "notes.txt").write_text("not an image\n")
+    extra = [str(tmp_path / "empty") if x == "EMPTY" else str(tmp_path / "noimg") if x == "NOIMAGES" else x
+             for x in extra]
+    out = tmp_path / "bank"
+    with pytest.raises(SystemExit) as e:
+        inprocess(*_args(setup["data"], setup["unet"], out, *extra))
+    msg = e.value.code
+    assert isinstance(msg, str) and match in msg and "\n" not in msg, msg
+    assert not out.exists()
+
+
+def test_corrected_rerun_after_a_refused_t_range_builds_within_it(setup, tmp_path, inprocess):
+    out = tmp_path / "bank"
+    with pytest.raises(SystemExit, match="--t-max 5000"):
+        inprocess(*_args(setup["data"], setup["unet"], out, "--t-max", "5000"))
+    man = inprocess(*_args(setup["data"], setup["unet"], out, "--t-min", "100", "--t-max", "500"))
+    assert man["t_range"] == [100, 500]
+    reader = BankReader(out)
+    ts = [reader.meta(i, v).t for i in range(reader.num_images) for v in range(reader.views)]
+    assert all(100 <= t < 500 for t in ts)
+    assert ts == [bk.view_t(0, i, v, (100, 500)) for i in range(reader.num_images) for v in range(reader.views)]

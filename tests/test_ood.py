@@ -78,15 +78,19 @@ def _paper_scores(feat, w, b, id_feat, p_react=90, p_ash=90, p_scale=85):
     out = {"msp": softmax(lin(feat), 1).max(1), "maxlogit": lin(feat).max(1), "energy": logsumexp(lin(feat), 1),
            "react": logsumexp(lin(np.minimum(feat, c)), 1)}
     d = feat.shape[1]
-    ash, scl = [], []
+    ash, ash_b, scl = [], [], []
     for row in feat:
         order = np.argsort(row)[::-1]
         k_a, k_s = d - round(d * p_ash / 100), d - round(d * p_scale / 100)
         pruned = np.zeros_like(row)
         pruned[order[:k_a]] = row[order[:k_a]]
         ash.append(pruned * np.exp(row.sum() / pruned.sum()))  # ASH-S: prune, then scale by the lost mass
+        binary = np.zeros_like(row)
+        binary[order[:k_a]] = row.sum() / k_a  # ASH-B (OpenOOD's "ASH"): kept positions share the whole sum
+        ash_b.append(binary)
         scl.append(row * np.exp(row.sum() / row[order[:k_s]].sum()))  # SCALE: same ratio, nothing pruned
-    out["ash"] = logsumexp(lin(np.array(ash)), 1)
+    out["ash_s"] = logsumexp(lin(np.array(ash)), 1)
+    out["ash"] = logsumexp(lin(np.array(ash_b)), 1)
     out["scale"] = logsumexp(lin(np.array(scl)), 1)
     return out
 
@@ -105,7 +109,7 @@ def test_detectors_follow_their_papers(resnet):
         np.testing.assert_allclose(ours[name].numpy(), ref[name], rtol=1e-4, atol=1e-5, err_msg=name)
     assert det.react_threshold < feat.max()  # the clip is active on these features
     # the shaping changes the score: ReAct/ASH/SCALE differ from plain energy
-    for name in ("react", "ash", "scale"):
+    for name in ("react", "ash", "ash_s", "scale"):
         assert not torch.allclose(ours[name], ours["energy"])
 
 

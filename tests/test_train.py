@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,17 +88,45 @@ def test_log_states_mode_fraction_unet_and_speed(data, tmp_path):
     assert json.loads((tmp_path / "r" / "classes.json").read_text())["classes"] == sorted(os.listdir(data / "train"))
 
 
+def _fixed_view_ce(data, ckpt) -> float:
+    """Cross-entropy of the trained ResNet-18 on the un-augmented views of the 24 training images: torchvision's
+    Resize(36) + CenterCrop(32) + ImageNet normalization, one batch, BN on its batch statistics (the statistics
+    the network trained with; 30 steps leave its running averages between the random crops' and these)."""
+    import torchvision
+    import torchvision.transforms as T
+    from PIL import Image
+
+    tf = T.Compose([T.Resize(36), T.CenterCrop(32), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    classes = sorted(os.listdir(data / "train"))
+    pairs = [(tf(Image.open(f).convert("RGB")), k) for k, c in enumerate(classes)
+             for f in sorted((data / "train" / c).iterdir())]
+    model = torchvision.models.resnet18(num_classes=len(classes))
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    model.train()
+    with torch.no_grad():
+        logits = model(torch.stack([x for x, _ in pairs]))
+    return torch.nn.functional.cross_entropy(logits, torch.tensor([k for _, k in pairs])).item()
+
+
 def test_loss_falls_on_learnable_set(data, tmp_path):
-    # the whole 24-image set as one batch: 30 full-batch steps (batch 8 at 32 px is too noisy for BN)
+    """30 full-batch steps learn the 4 classes: the trained network's cross-entropy on the fixed (un-augmented)
+    views of its training images is below half the chance level ln 4.
+
+    Not the logged training loss: each step's loss is on that epoch's RandomResizedCrop views (scale down to
+    8% of a 40 px image), so it jumps 0.2-1.3 from step to step; "mean of the last 5 steps < half the first 3"
+    held with a 2% margin at seed 3 and failed at seed 5, and runs that differ only in float rounding (another
+    CPU's oneDNN or ATen kernels, the DALI vs the torch loader) crossed it too. The fixed-view CE was 0.07-0.32
+    (vs the bound 0.69) over seeds 0-6, both loaders and those kernel variants."""
     res = _run([sys.executable, str(TRAIN), *_args(data, tmp_path, "--epochs", "30", "--batch-size", "24",
                                                    "--diffaug", "off", "--log-every", "1", "--lr", "0.01",
-                                                   "--eval-every", "1000")])
+                                                   "--eval-every", "1000", "--seed", "5")])
     assert res.returncode == 0, res.stderr[-3000:]
     recs = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in recs if r["event"] == "step"]
-    assert len(losses) == 30
-    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
-    assert last < 0.5 * first, losses
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    ce = _fixed_view_ce(data, tmp_path / "r" / "last.pt")
+    assert ce < 0.5 * math.log(4), (ce, losses)
 
 
 @pytest.mark.parametrize(

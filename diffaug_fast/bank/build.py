@@ -95,9 +95,30 @@ def shards_to_do(shards: Path, mine: list[int]) -> list[int]:
     return [s for s in mine if not _shard_done(shards, s)]
 
 
+def check_build_args(a: argparse.Namespace) -> None:
+    """The build settings that need neither the data nor the UNet, checked before anything is read or
+    written: one SystemExit line each (the rest is checked against the UNet before --out is touched)."""
+    if a.views < 1:
+        raise SystemExit("--views must be >= 1")
+    if not 1 <= a.quality <= 100:
+        raise SystemExit("--quality must lie in 1..100")
+    if a.t_min < 0 or (a.t_max is not None and a.t_max <= a.t_min):
+        raise SystemExit(f"--t-min {a.t_min} --t-max {a.t_max}: the views' t is drawn from [t_min, t_max), so "
+                         "0 <= t_min < t_max is needed (t_max defaults to the schedule's steps)")
+    if not 1 <= a.image_size <= a.resize_size:
+        raise SystemExit(f"--image-size {a.image_size} --resize-size {a.resize_size}: the views are the "
+                         "image_size center crop of the image resized to resize_size, so 1 <= image_size <= "
+                         "resize_size is needed")
+    for flag, value, low in (("--batch-size", a.batch_size, 1), ("--shard-images", a.shard_images, 1),
+                             ("--workers", a.workers, 0)):
+        if value < low:
+            raise SystemExit(f"{flag} {value}: must be >= {low}")
+
+
 def build_bank(args: argparse.Namespace) -> dict | None:
     """Build, or resume building, the bank ``args.out`` (the CLI's build arguments), images split across the
     torchrun processes by shard. Returns the manifest on rank 0, None on the others."""
+    check_build_args(args)
     w = init_distributed()
     say = print if w.is_main else (lambda *a, **k: None)
     out, data = Path(args.out), Path(args.data)
@@ -125,12 +146,11 @@ def _prepare(args: argparse.Namespace, w: World, out: Path, data: Path):
     if not data.is_dir():
         raise SystemExit(f"--data {data}: no such directory")
     if w.is_main:
-        check_out_dir(out)
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-    index = scan_dataset(data, progress=w.is_main) if w.is_main else None
+        check_out_dir(out)  # reads only: --out is created below, once every setting has been checked
+    index = _scan(data, progress=w.is_main) if w.is_main else None
     barrier()
     if index is None:
-        index = scan_dataset(data, progress=False)  # reads the scan cache rank 0 wrote
+        index = _scan(data, progress=False)  # reads the scan cache rank 0 wrote
     if w.device.type == "cpu":
         keep_freed_memory()  # big activations reuse their pages instead of faulting them in every call
     try:
@@ -138,7 +158,35 @@ def _prepare(args: argparse.Namespace, w: World, out: Path, data: Path):
                                                                                            args.compile, w.device))
     except Exception as e:  # CheckpointError, OSError: one clear line, no traceback
         raise SystemExit(f"--unet {args.unet}: {e}") from None
+    _check_against_unet(args, den)
+    if w.is_main:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
     return index, den
+
+
+def _scan(data: Path, progress: bool):
+    try:
+        return scan_dataset(data, progress=progress)
+    except ValueError as e:  # no class folders, or no valid image (then the scan's counts and first bad file)
+        lines = [x.strip() for x in str(e).strip().splitlines()]
+        msg = lines[0].removeprefix(f"{data.resolve()}: ").removeprefix(f"{os.path.abspath(data)}: ")
+        msg += f" ({lines[1].split(': ', 1)[-1]}; {lines[2]})" if len(lines) > 2 else ""
+        raise SystemExit(f"--data {data}: {msg}") from None
+
+
+def _check_against_unet(args: argparse.Namespace, den) -> None:
+    """The t range and image size the loaded UNet can take (before --out is created)."""
+    steps = den.num_steps
+    if args.t_max is not None and args.t_max > steps:
+        raise SystemExit(f"--t-max {args.t_max}: the UNet's schedule ({den.schedule.name}) has {steps} steps, so "
+                         f"t_max <= {steps} (the default) is needed")
+    if args.t_min >= (args.t_max or steps):
+        raise SystemExit(f"--t-min {args.t_min}: the views' t is drawn from [t_min, {args.t_max or steps}), which "
+                         "is empty; lower --t-min")
+    down = den.total_downsampling
+    if args.image_size % down:
+        raise SystemExit(f"--image-size {args.image_size}: the UNet downsamples {down}x in total, so the image size "
+                         f"must be a multiple of {down} (e.g. {max(down, args.image_size // down * down)})")
 
 
 def _start_or_resume(args, w: World, out: Path, data: Path, index, den, t_range, mine: list[int],

@@ -51,10 +51,6 @@ def main(argv: list[str] | None = None):
                    help="delete damaged shards and the manifest; rerunning the build command then rebuilds them")
     a = p.parse_args(argv)
     if a.cmd == "build":
-        if a.views < 1:
-            raise SystemExit("--views must be >= 1")
-        if not 1 <= a.quality <= 100:
-            raise SystemExit("--quality must lie in 1..100")
         return build_bank(a)
     try:
         res = verify_bank(a.bank, sample=a.sample, recompute=not a.no_recompute, loader=a.loader, repair=a.repair)

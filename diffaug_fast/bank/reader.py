@@ -134,9 +134,9 @@ class BankReader:
         if why is None:
             return data
         where = f"bank {self.root}: shard {self._paths[m.shard].name}, image {index}, view {view}: {why}"
-        if self.on_bad == "error":
-            raise BankError(f"damaged view in {where}; run `python -m diffaug_fast.bank verify {self.root}`, "
-                            "or train with on_bad=online to make damaged views online")
+        if self.on_bad == "error":  # the trainer adds its flag (--bank-on-bad online) to this line
+            raise BankError(f"damaged view in {where}; `python -m diffaug_fast.bank verify {self.root}` lists "
+                            "every damaged view")
         if (index, view) not in self.bad_views:
             self.bad_views.add((index, view))
             warnings.warn(f"damaged view, made online instead: {where}", stacklevel=2)

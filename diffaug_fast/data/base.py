@@ -8,14 +8,32 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image, ImageFile
 
 from .plan import CROP, RESIZE, epoch_order, shard_batches
 from .scan import DatasetIndex
 
-__all__ = ["Loader", "FLOAT_DTYPES"]
+__all__ = ["Loader", "FLOAT_DTYPES", "INTERPOLATIONS", "DECODE_ERRORS", "decode_rgb"]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# what PIL raises on a file that is no longer a decodable image (garbage, truncated, a bad chunk): both
+# backends leave such an image out of its batch (the scan's check_image treats the same errors as bad)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+INTERPOLATIONS = ("bilinear", "bicubic")
 
+
+
+def decode_rgb(path: str) -> Image.Image:
+    """The whole image at ``path`` as RGB; raises one of DECODE_ERRORS when it cannot be decoded. Truncated
+    data always raises, whatever ``ImageFile.LOAD_TRUNCATED_IMAGES`` says (DALI's decoders refuse it too, so
+    both backends skip the same files)."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 class Loader:
     """Iterable over batches of one shard; see ``build_loader`` for the batch format.
@@ -33,7 +51,7 @@ class Loader:
                  channels_last: bool, mean, std, shard_id: int, num_shards: int, seed: int, num_workers: int,
                  drop_last: bool, device: torch.device, crop_size: int = CROP, resize_size: int = RESIZE,
                  extra_views: dict[str, Callable[[int, int], bytes]] | None = None,
-                 clean_transform: Callable | None = None):
+                 clean_transform: Callable | None = None, interpolation: str = "bilinear"):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if output not in ("uint8", "float"):
@@ -46,7 +64,12 @@ class Loader:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0 < crop_size <= resize_size:
             raise ValueError(f"need 0 < crop_size <= resize_size, got {crop_size}, {resize_size}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         self.crop_size, self.resize_size = int(crop_size), int(resize_size)
+        # the filter of the Resize + CenterCrop view (val images, the train DiffAug view); the clean train
+        # view (RandomResizedCrop) stays bilinear
+        self.interpolation = interpolation
         # extra views: name -> fn(epoch, dataset index) -> encoded image bytes of a crop_size x crop_size
         # image (e.g. a stored DiffAug view from the bank), decoded by the same pipeline as the others
         self.extra_views = dict(extra_views or {})

@@ -81,6 +81,7 @@ def build_loader(
     resize_size: int = RESIZE,
     extra_views: dict[str, Callable[[int, int], bytes]] | None = None,
     clean_transform: Callable | None = None,
+    interpolation: str = "bilinear",
 ) -> Loader:
     """Batches of crop_size x crop_size views (default 224, from Resize(256)) of ``index``'s images.
 
@@ -101,6 +102,8 @@ def build_loader(
     (the batch is one smaller), named once as a warning and listed in ``loader.skipped``.
     clean_transform: fn(pil_image, seed) -> pil_image applied to the clean train view after crop and flip
     (e.g. RandAugment); PIL-based, so the torch backend only. seed comes from (seed, epoch, dataset index).
+    interpolation: "bilinear" (default) or "bicubic", the antialiased filter of the Resize + CenterCrop view
+    (torchvision's Resize on PIL images; DeiT evaluates with bicubic); the RandomResizedCrop view stays bilinear.
     """
     backend = resolve_backend(backend)
     if clean_transform is not None and backend != "torch":
@@ -110,7 +113,7 @@ def build_loader(
               shard_id=shard_id, num_shards=num_shards, seed=seed, num_workers=num_workers,
               drop_last=(split == "train") if drop_last is None else drop_last, device=_resolve_device(device),
               crop_size=crop_size, resize_size=resize_size, extra_views=extra_views,
-              clean_transform=clean_transform)
+              clean_transform=clean_transform, interpolation=interpolation)
     if backend == "dali":
         return DaliLoader(index, split, prefetch=prefetch, **kw)
     return TorchLoader(index, split, prefetch=prefetch, **kw)

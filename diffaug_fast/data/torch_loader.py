@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import Loader
+from .base import DECODE_ERRORS, Loader, decode_rgb
 from .plan import center_box, train_boxes
 from .scan import worker_context
 
@@ -27,8 +27,10 @@ class ViewDataset(torch.utils.data.Dataset):
     """Map-style dataset keyed by (epoch, dataset index) -> dict of uint8 HWC views and the index."""
 
     def __init__(self, files: list[str], sizes: np.ndarray, split: str, seed: int, crop: int = 224,
-                 resize: int = 256, extra_views: dict | None = None, clean_transform=None):
+                 resize: int = 256, extra_views: dict | None = None, clean_transform=None,
+                 interpolation: str = "bilinear"):
         self.files, self.sizes, self.split, self.seed = files, sizes, split, seed
+        self.center_filter = Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR
         self.crop, self.resize, self.extra_views = crop, resize, dict(extra_views or {})
         self.clean_transform = clean_transform
 
@@ -38,9 +40,8 @@ class ViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, i = key
         try:
-            with Image.open(self.files[i]) as im:
-                img = im.convert("RGB")
-        except OSError:  # deleted / replaced / unreadable since the scan: _collate leaves it out
+            img = decode_rgb(self.files[i])
+        except DECODE_ERRORS:  # deleted / replaced / undecodable since the scan: _collate leaves it out
             return {"index": i, "unreadable": True}
         h, w = (int(s) for s in self.sizes[i])
         if img.size != (w, h):
@@ -48,7 +49,7 @@ class ViewDataset(torch.utils.data.Dataset):
                                "(file changed? rescan with cache=False)")
         crop = (self.crop, self.crop)
         y0, x0, y1, x1 = center_box(h, w, self.resize, self.crop)
-        center = img.resize(crop, Image.BILINEAR, box=(x0, y0, x1, y1))
+        center = img.resize(crop, self.center_filter, box=(x0, y0, x1, y1))
         extra = {}
         for name, fn in self.extra_views.items():
             data = fn(epoch, i)
@@ -102,7 +103,7 @@ class TorchLoader(Loader):
         super().__init__(index, split, **kw)
         self.prefetch = prefetch
         self._dataset = ViewDataset(index.files, self._sizes, split, self.seed, self.crop_size, self.resize_size,
-                                    self.extra_views, self.clean_transform)
+                                    self.extra_views, self.clean_transform, self.interpolation)
 
     def _produce(self, batches: list[np.ndarray], epoch: int) -> Iterator[dict]:
         if not batches:

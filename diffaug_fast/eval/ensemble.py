@@ -20,9 +20,33 @@ from ..ops.augment import augment
 
 __all__ = ["DE_TIMESTEPS", "IMAGENET_MEAN", "IMAGENET_STD", "ensemble_probs", "evaluate", "subset_indices",
            "evaluate_folder", "evaluate_corruptions", "val_batches", "CORRUPTIONS", "ALEXNET_ERR",
-           "summarize_corruptions"]
+           "summarize_corruptions", "eval_resize", "eval_geometry", "protocol_text"]
 
 DE_TIMESTEPS: tuple[int, ...] = tuple(range(0, 500, 50))
+
+
+def eval_resize(crop_size: int, crop_ratio: float) -> int:
+    """Resize size R of the evaluation transform Resize(R) + CenterCrop(crop_size) at ``crop_ratio`` in (0, 1]:
+    floor(crop / ratio) as DeiT's ``int(input_size / eval_crop_ratio)`` and timm's ``floor(img_size /
+    crop_pct)`` (224 / 0.875 = 256, DiffAug's and torchvision's; 224 / 1.0 = 224, DeiT-III's); the 1e-6 keeps
+    a ratio given as a quotient (48 / 55) from landing one pixel short."""
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"crop ratio must lie in (0, 1], got {crop_ratio}")
+    return int(crop_size / crop_ratio + 1e-6)
+
+
+def eval_geometry(crop_size: int, crop_ratio: float, interpolation: str = "bilinear") -> dict:
+    """{"crop_size", "resize_size", "interpolation"} of the evaluation view (``val_batches`` / ``build_loader``)."""
+    return {"crop_size": int(crop_size), "resize_size": eval_resize(crop_size, crop_ratio),
+            "interpolation": interpolation}
+
+
+def protocol_text(geometry: dict) -> str:
+    """The evaluation view in words, for table headers: e.g. "Resize 256 bilinear + CenterCrop 224 (crop ratio
+    0.875)"."""
+    c, r = geometry["crop_size"], geometry["resize_size"]
+    return (f"Resize {r} {geometry.get('interpolation', 'bilinear')} + CenterCrop {c} "
+            f"(crop ratio {c / r:.3g})")
 
 
 def subset_indices(eval_classes: Sequence[str], train_classes: Sequence[str]) -> list[int] | None:
@@ -121,7 +145,8 @@ def evaluate(
 
 def val_batches(index, *, batch_size, backend, device, **geometry):
     """(images, labels) batches of ``index``: Resize + CenterCrop views, float NCHW on ``device``, normalized
-    with ``geometry``'s mean/std (ImageNet's by default; mean=(0,)*3, std=(1,)*3 gives [0, 1] images)."""
+    with ``geometry``'s mean/std (ImageNet's by default; mean=(0,)*3, std=(1,)*3 gives [0, 1] images);
+    ``geometry`` also takes crop_size, resize_size and interpolation ("bilinear" | "bicubic", ``eval_geometry``)."""
     loader = build_loader(index, "val", batch_size=batch_size, backend=backend, output="float", channels_last=True,
                           device=device if device is not None and torch.device(device).type == "cuda" else None,
                           **geometry)

@@ -13,36 +13,47 @@ ImageNet-A: 200 WordNet ids) is scored with the logits sliced to those classes b
 --imagenet-c takes corruption/severity/class trees: a per-corruption table, then the paper's figures over
 the 15 standard corruptions (severity-5 mean, all-severity mean, mCE against AlexNet); other corruption
 folders are listed apart. --ood NAME=DIR takes image folders (flat or nested, no labels) scored against
-the in-distribution folder --ood-id (default: the first --val) by MSP, MaxLogit, Energy, ReAct, ASH and
-SCALE (diffaug_fast.ood); --ood-group averages named sets. DE averages over t in {0, 50, ..., 450}.
-Results are written as each dataset completes: <out>/results.{csv,json} (top-1 and ImageNet-C) and
-<out>/ood.{csv,json}; a later crash loses nothing already finished.
+the in-distribution folder --ood-id (default: the first --val) by MSP, MaxLogit, Energy, ReAct, ASH (ASH-B,
+as OpenOOD v1.5), SCALE and on request ASH-S (diffaug_fast.eval.ood); --ood-group averages named sets.
+ReAct is fitted on --ood-val-id (else on every 5th --ood-id image, then not scored); with --ood-val NAME=DIR
+the percentiles of ReAct, ASH, ASH-S and SCALE are chosen by AUROC on ID-val vs OOD-val first, as OpenOOD
+v1.5 (diffaug_fast.eval.ood_cli). DE averages over t in {0, 50, ..., 450}.
+The view: Resize(crop / --eval-crop-ratio) + CenterCrop(crop) with --interpolation; by default the
+checkpoint's recipe (rn50: 0.875 bilinear, DiffAug's Resize 256 + CenterCrop 224; vit: 1.0 bicubic,
+DeiT-III's), a timm state_dict's pretrained_cfg, or torchvision's 0.875 bilinear; every table names it.
+Everything is checked before any image is scored: paths, --out writable, every OOD-side folder scanned (files
+that cannot be read are named and left out). Results are written as each dataset completes:
+<out>/results.{csv,json} (top-1 and ImageNet-C) and <out>/ood.{csv,json}; a later crash loses nothing finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 
 import diffaug_fast as df
 
+from ..data.base import INTERPOLATIONS
 from ..hardware import fast_half_dtype
 from ..io import atomic_write_bytes
 from .ensemble import (
     DE_TIMESTEPS,
+    eval_geometry,
     evaluate_corruptions,
     evaluate_folder,
+    protocol_text,
     summarize_corruptions,
-    val_batches,
 )
 from .models import features_and_head, load_classifier
-from .ood import DETECTORS, Detectors, collect_features, image_index, metrics, score_batches
+from .ood import DEFAULT_DETECTORS, DETECTORS
+from .ood_cli import OOD_FIELDS, plan_ood, run_ood
 
 TOP1_FIELDS = ["dataset", "corruption", "severity", "classes", "n", "top1", "top1_de"]
-OOD_FIELDS = ["dataset", "detector", "de", "n_id", "n_ood", "auroc", "fpr95", "aupr_in", "aupr_out"]
+__all__ = ["main", "parse_args", "check_args", "check_out", "write_table", "OOD_FIELDS"]
 
 
 def write_table(rows: list[dict], fields: list[str], meta: dict, stem: Path) -> None:
@@ -61,12 +72,24 @@ def parse_args(argv):
     p.add_argument("--imagenet-c", nargs="*", default=[], help="corruption/severity/class trees")
     p.add_argument("--ood", nargs="*", default=[], metavar="NAME=DIR", help="OOD image folders")
     p.add_argument("--ood-id", default=None, help="in-distribution folder for OOD (default: the first --val)")
+    p.add_argument("--ood-val-id", default=None, metavar="DIR",
+                   help="in-distribution images NOT scored: ReAct's fit and the search's ID side (OpenOOD's ID val); "
+                        "default: every 5th image of --ood-id, left out of the scored set")
+    p.add_argument("--ood-val", nargs="*", default=[], metavar="NAME=DIR",
+                   help="OOD validation folders (OpenOOD: OpenImage-O's val list): the percentiles of ReAct, ASH, ASH-S "
+                        "and SCALE are chosen by AUROC on them before the --ood sets are scored")
     p.add_argument("--ood-group", nargs="*", default=[], metavar="GROUP=NAME,NAME",
                    help="average these OOD sets, e.g. near=ssb_hard,ninco far=inaturalist,textures,openimage_o")
-    p.add_argument("--detectors", default=",".join(DETECTORS), help=f"comma list from {','.join(DETECTORS)}")
-    p.add_argument("--react-percentile", type=float, default=90)
-    p.add_argument("--ash-percentile", type=float, default=90)
-    p.add_argument("--scale-percentile", type=float, default=85)
+    p.add_argument("--detectors", default=",".join(DEFAULT_DETECTORS),
+                   help=f"comma list from {','.join(DETECTORS)} (ash = ASH-B, OpenOOD's; ash_b is taken too), or all")
+    for name in ("react", "ash", "ash_s", "scale"):
+        p.add_argument(f"--{name.replace('_', '-')}-percentile", type=float, default=None,
+                       help="fix this percentile (default: the search with --ood-val, else OpenOOD's default)")
+    p.add_argument("--eval-crop-ratio", type=float, default=None,
+                   help="Resize(crop / ratio) + CenterCrop(crop): 0.875 = Resize 256 + CenterCrop 224 (DiffAug's "
+                        "scripts, torchvision), 1.0 = DeiT-III's; default: the checkpoint's recipe")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
+                   help="filter of that Resize (DeiT-III: bicubic); default: the checkpoint's recipe")
     p.add_argument("--de", action="store_true", help="also report DiffAug Ensemble")
     p.add_argument("--unet", default=None)
     p.add_argument("--unet-preset", default=None)
@@ -79,23 +102,39 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def check_args(a) -> tuple[dict[str, Path], dict[str, list[str]], list[str]]:
-    """(OOD name -> folder, group -> names, detectors) after one-line checks of every path and name."""
-    if not (a.val or a.imagenet_c or a.ood):
-        raise SystemExit("nothing to evaluate: pass --val, --imagenet-c and/or --ood")
-    for d in [*a.val, *a.imagenet_c, *([a.ood_id] if a.ood_id else [])]:
-        if not Path(d).is_dir():
-            raise SystemExit(f"{d}: no such directory")
-    ood = {}
-    for item in a.ood:
+def _named_dirs(flag: str, items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
         name, sep, d = item.partition("=")
         if not sep:
             name, d = Path(item).name, item
         if not Path(d).is_dir():
-            raise SystemExit(f"--ood {item}: {d} is not a directory")
-        if name in ood:
-            raise SystemExit(f"--ood: the name {name!r} is given twice")
-        ood[name] = Path(d)
+            raise SystemExit(f"{flag} {item}: {d} is not a directory")
+        if name in out:
+            raise SystemExit(f"{flag}: the name {name!r} is given twice")
+        out[name] = Path(d)
+    return out
+
+
+def check_args(a) -> tuple[dict[str, Path], dict[str, Path], dict[str, list[str]], list[str]]:
+    """(OOD name -> folder, OOD-val name -> folder, group -> names, detectors) after one-line checks of every
+    path and name."""
+    if not (a.val or a.imagenet_c or a.ood):
+        raise SystemExit("nothing to evaluate: pass --val, --imagenet-c and/or --ood")
+    for d in [*a.val, *a.imagenet_c, *([a.ood_id] if a.ood_id else []), *([a.ood_val_id] if a.ood_val_id else [])]:
+        if not Path(d).is_dir():
+            raise SystemExit(f"{d}: no such directory")
+    if a.eval_crop_ratio is not None and not 0 < a.eval_crop_ratio <= 1:
+        raise SystemExit(f"--eval-crop-ratio {a.eval_crop_ratio}: must lie in (0, 1] (0.875: Resize 256 + CenterCrop "
+                         "224; 1.0: resize to the crop size)")
+    for name in ("react", "ash", "ash_s", "scale"):
+        p = getattr(a, f"{name}_percentile")
+        if p is not None and not 0 <= p < 100:
+            raise SystemExit(f"--{name.replace('_', '-')}-percentile {p}: must lie in [0, 100)")
+    ood = _named_dirs("--ood", a.ood)
+    val_ood = _named_dirs("--ood-val", a.ood_val)
+    if (a.ood_val or a.ood_val_id) and not a.ood:
+        raise SystemExit("--ood-val / --ood-val-id choose and fit the OOD detectors: give the --ood sets to score")
     groups = {}
     for item in a.ood_group:
         group, sep, names = item.partition("=")
@@ -107,22 +146,43 @@ def check_args(a) -> tuple[dict[str, Path], dict[str, list[str]], list[str]]:
             raise SystemExit(f"--ood-group {group}: {', '.join(unknown)} not among the --ood sets ({', '.join(ood)})")
         groups[group] = members
     detectors = [d.strip().lower() for d in a.detectors.split(",") if d.strip()]
+    detectors = list(DETECTORS) if detectors == ["all"] else ["ash" if d == "ash_b" else d for d in detectors]
+    detectors = list(dict.fromkeys(detectors))
     bad = [d for d in detectors if d not in DETECTORS]
     if bad or not detectors:
         raise SystemExit(f"--detectors: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(DETECTORS)}")
     if ood and not (a.ood_id or a.val):
         raise SystemExit("--ood needs in-distribution images: pass --ood-id DIR (or --val)")
-    return ood, groups, detectors
+    return ood, val_ood, groups, detectors
+
+
+def check_out(out: Path) -> None:
+    """--out is (or can be made) a folder we can write in: checked before any work, not after it."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file: give a folder (created if missing) for the result tables")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test."):
+            pass
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot write there ({e.strerror or e}); give a writable folder") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
-    ood_sets, groups, detectors = check_args(a)
+    ood_sets, val_ood, groups, detectors = check_args(a)
+    out = Path(a.out)
+    check_out(out)
+    plan = plan_ood(a.ood_id or a.val[0], ood_sets, a.ood_val_id, val_ood, detectors) if ood_sets else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, classes, info = load_classifier(a.ckpt, device, a.arch, a.classes)
     if (a.val or a.imagenet_c) and not info["classes_known"]:
         raise SystemExit(f"--ckpt {a.ckpt} is a bare state_dict without class names: pass --classes classes.json "
                          "(the training run's, in the classifier's output order)")
+    try:
+        fh = features_and_head(model) if plan else None
+    except ValueError as e:
+        raise SystemExit(f"--ood: {e}") from None
     den = None
     if a.de:
         if a.unet is None:
@@ -132,12 +192,17 @@ def main(argv: list[str] | None = None) -> dict:
         except df.CheckpointError as e:
             raise SystemExit(f"--unet {a.unet}: {e}") from None
     amp = fast_half_dtype(device) if a.amp else None  # None: no native half precision here, float32
-    geometry = dict(crop_size=info["crop_size"], resize_size=info["resize_size"], mean=info["mean"], std=info["std"],
-                    num_workers=a.workers)
+    view = eval_geometry(info["crop_size"], a.eval_crop_ratio or info["crop_ratio"],
+                         a.interpolation or info["interpolation"])
+    given = a.eval_crop_ratio is not None or a.interpolation is not None
+    protocol = f"{protocol_text(view)}, {'set by the flags' if given else info['protocol']}"
+    print(f"evaluation view (every table below): {protocol}")
+    geometry = dict(mean=info["mean"], std=info["std"], num_workers=a.workers, **view)
     kw = dict(batch_size=a.batch_size, backend=a.loader, device=device, denoiser=den, timesteps=DE_TIMESTEPS,
               autocast_dtype=amp, seed=a.seed, **geometry)
-    out = Path(a.out)
-    meta = {"ckpt": a.ckpt, "arch": info["arch"], "unet": a.unet, "de_timesteps": list(DE_TIMESTEPS) if den else []}
+    meta = {"ckpt": a.ckpt, "arch": info["arch"], "unet": a.unet, "de_timesteps": list(DE_TIMESTEPS) if den else [],
+            "protocol": protocol, "crop_size": view["crop_size"], "resize_size": view["resize_size"],
+            "interpolation": view["interpolation"]}
 
     rows, summaries = [], {}
 
@@ -152,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"dataset": d, "corruption": "", "severity": "", **res})
         flush()
         de = f", DE {res['top1_de']:.2f}%" if "top1_de" in res else ""
-        print(f"{d}: top-1 {res['top1']:.2f}%{de} ({res['n']} images, {res['classes']} classes)")
+        print(f"{d}: top-1 {res['top1']:.2f}%{de} ({res['n']} images, {res['classes']} classes; "
+              f"{protocol_text(view)})")
     for d in a.imagenet_c:
         def on_row(r, d=d):
             rows.append({"dataset": d, **r})
@@ -164,76 +230,18 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--imagenet-c {d}: {str(e).splitlines()[0]}") from None
         summaries[d] = summarize_corruptions(table)
         flush()
-        print_corruption_table(d, table)
+        print_corruption_table(d, table, protocol_text(view))
         print_corruption_summary(summaries[d])
     if rows:
         print(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
-    ood_rows = run_ood(a, model, den, kw, ood_sets, groups, detectors, out, meta) if ood_sets else []
+    ood_rows = run_ood(a, fh, den, kw, plan, groups, detectors, out, meta, write_table) if plan else []
     return {"results": rows, "imagenet_c": summaries, "ood": ood_rows}
 
 
-def run_ood(a, model, den, kw, ood_sets, groups, detectors, out, meta) -> list[dict]:
-    """Fit ReAct on the in-distribution features, score every set, write ood.{csv,json} after each set."""
-    try:
-        fh = features_and_head(model)
-    except ValueError as e:
-        raise SystemExit(f"--ood: {e}") from None
-    loader_kw = {k: kw[k] for k in ("batch_size", "backend", "device", "crop_size", "resize_size", "mean", "std",
-                                    "num_workers")}
-    score_kw = dict(denoiser=den, timesteps=DE_TIMESTEPS if den else (0,), mean=kw["mean"], std=kw["std"],
-                    seed=a.seed, autocast_dtype=kw["autocast_dtype"])
-    id_dir = a.ood_id or a.val[0]
-    id_index = image_index(id_dir)
-    feats, _ = collect_features(fh.features, val_batches(id_index, **loader_kw), autocast_dtype=kw["autocast_dtype"],
-                                progress=f"features {Path(id_dir).name}")
-    det = Detectors(fh.head, react_percentile=a.react_percentile, ash_percentile=a.ash_percentile,
-                    scale_percentile=a.scale_percentile).fit(feats[0])
-    s_id = {k: v.numpy() for k, v in det.scores(feats[0]).items()}
-    del feats
-    if den is not None:
-        s_id = score_batches(fh, det, val_batches(id_index, **loader_kw), progress=f"DE {Path(id_dir).name}",
-                             **score_kw)
-    variants = [(name, False) for name in detectors] + ([(name, True) for name in detectors] if den else [])
-    meta = {**meta, "ood_id": str(id_dir), "react_threshold": det.react_threshold, "groups": groups,
-            "percentiles": {"react": a.react_percentile, "ash": a.ash_percentile, "scale": a.scale_percentile}}
-    rows = []
-    for name, d in ood_sets.items():
-        s_ood = score_batches(fh, det, val_batches(image_index(d), **loader_kw), progress=name, **score_kw)
-        for det_name, de in variants:
-            key = det_name + ("_de" if de else "")
-            rows.append({"dataset": name, "detector": det_name, "de": de, "n_id": len(s_id[key]),
-                         "n_ood": len(s_ood[key]), **metrics(s_id[key], s_ood[key])})
-        write_table(rows, OOD_FIELDS, meta, out / "ood")
-    for group, members in groups.items():
-        for det_name, de in variants:
-            sel = [r for r in rows if r["dataset"] in members and r["detector"] == det_name and r["de"] == de]
-            rows.append({"dataset": f"{group} (mean)", "detector": det_name, "de": de, "n_id": sel[0]["n_id"],
-                         "n_ood": sum(r["n_ood"] for r in sel),
-                         **{m: sum(r[m] for r in sel) / len(sel) for m in ("auroc", "fpr95", "aupr_in", "aupr_out")}})
-    write_table(rows, OOD_FIELDS, meta, out / "ood")
-    print_ood_tables(rows, detectors, bool(den), id_dir)
-    print(f"wrote {out / 'ood.csv'} and {out / 'ood.json'}")
-    return rows
-
-
-def print_ood_tables(rows: list[dict], detectors: list[str], de: bool, id_dir) -> None:
-    print(f"OOD detection vs {id_dir} (in-distribution), % (AUROC and AUPR higher is better, FPR@95 lower)")
-    for det_name in detectors:
-        print(f"  {det_name.upper()}" + ("   plain | DiffAug Ensemble" if de else ""))
-        head = "".join(f"{h:>9}" for h in ("AUROC", "FPR@95", "AUPR-In", "AUPR-Out"))
-        print(f"    {'dataset':<22}{head}" + (f" |{head}" if de else ""))
-        for r in [r for r in rows if r["detector"] == det_name and not r["de"]]:
-            cells = "".join(f"{100 * r[m]:>9.2f}" for m in ("auroc", "fpr95", "aupr_in", "aupr_out"))
-            if de:
-                rd = next(x for x in rows if x["detector"] == det_name and x["de"] and x["dataset"] == r["dataset"])
-                cells += " |" + "".join(f"{100 * rd[m]:>9.2f}" for m in ("auroc", "fpr95", "aupr_in", "aupr_out"))
-            print(f"    {r['dataset']:<22}{cells}")
-
-
-def print_corruption_table(name: str, table: list[dict]) -> None:
+def print_corruption_table(name: str, table: list[dict], view: str = "") -> None:
     sevs = sorted({r["severity"] for r in table})
     print(f"{name}: top-1 % by corruption (rows) and severity (columns)" + ("; plain / DE" if "top1_de" in table[0]
-                                                                              else ""))
+                                                                              else "") + (f" [{view}]" if view else ""))
     print(f"  {'corruption':<18}" + "".join(f"{s:>14}" for s in sevs) + f"{'mean':>14}")
     for c in sorted({r["corruption"] for r in table}):
         cells, plain, de = [], [], []

@@ -26,8 +26,9 @@ import torch
 import torchvision
 from torch import nn
 
+from ..data.base import INTERPOLATIONS
 from ..runs import RunError, load_checkpoint_file
-from .ensemble import IMAGENET_MEAN, IMAGENET_STD
+from .ensemble import IMAGENET_MEAN, IMAGENET_STD, eval_resize
 
 __all__ = ["load_classifier", "read_classes", "features_and_head", "FeatureHead", "with_normalization"]
 
@@ -90,8 +91,9 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu", arch: 
                     classes_file: str | Path | None = None) -> tuple[nn.Module, list[str], dict]:
     """(model in eval mode on ``device``, class names in output order, info).
 
-    info: {"arch", "source" ("torchvision" | "timm"), "crop_size", "resize_size", "mean", "std",
-    "classes_known" (False when the names were made up from the head's size)}. The model takes
+    info: {"arch", "source" ("torchvision" | "timm"), "crop_size", "resize_size", "crop_ratio", "interpolation",
+    "protocol" (where the evaluation view comes from, see ``_protocol``), "mean", "std", "classes_known" (False
+    when the names were made up from the head's size)}. The model takes
     mean/std-normalized images (``with_normalization`` gives a [0, 1]-input view of it).
     """
     p = Path(path)
@@ -142,14 +144,32 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu", arch: 
     # our trainers normalize with the loader's ImageNet mean/std unless their settings say otherwise; a timm
     # model's pretrained_cfg (e.g. 0.5/0.5 for ViTs) applies only to timm's own checkpoints
     cfg = {} if settings else (getattr(model, "pretrained_cfg", None) or {})
-    info = {"arch": arch, "source": source, "classes_known": known,
-            "crop_size": int(settings.get("image_size", 224)), "resize_size": int(settings.get("resize_size", 256)),
+    crop = int(settings.get("image_size", 224))
+    ratio, interp, how = _protocol(settings, cfg, source, arch, crop)
+    info = {"arch": arch, "source": source, "classes_known": known, "crop_size": crop,
+            "resize_size": eval_resize(crop, ratio), "crop_ratio": ratio, "interpolation": interp, "protocol": how,
             "mean": tuple(settings.get("mean") or cfg.get("mean") or IMAGENET_MEAN),
             "std": tuple(settings.get("std") or cfg.get("std") or IMAGENET_STD)}
     model = model.to(device).eval()
     if torch.device(device).type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model, classes, info
+
+
+def _protocol(settings: dict, cfg: dict, source: str, arch: str, crop: int) -> tuple[float, str, str]:
+    """(crop ratio, interpolation, where they come from) of the evaluation view for a checkpoint.
+
+    Ours: the recipe's ``eval_crop_ratio`` / ``eval_interpolation`` (rn50: 0.875 bilinear, DiffAug's and
+    torchvision's Resize 256 + CenterCrop 224; vit: 1.0 bicubic, DeiT-III's), else (older runs) the run's
+    DiffAug view, image_size / resize_size, bilinear. A timm state_dict: its pretrained_cfg (deit3_*: 1.0
+    bicubic). A torchvision state_dict: Resize 256 + CenterCrop 224 bilinear."""
+    if settings:
+        ratio = settings.get("eval_crop_ratio") or crop / int(settings.get("resize_size", 256))
+        return float(ratio), settings.get("eval_interpolation") or "bilinear", "the checkpoint's recipe"
+    if source == "timm" and cfg.get("crop_pct"):
+        interp = cfg.get("interpolation") if cfg.get("interpolation") in INTERPOLATIONS else "bilinear"
+        return float(cfg["crop_pct"]), interp, f"timm's pretrained_cfg of {arch}"
+    return 224 / 256, "bilinear", "torchvision's reference evaluation"
 
 
 class _Normalized(nn.Module):

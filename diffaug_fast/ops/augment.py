@@ -46,10 +46,10 @@ def check_images(
         hint = " (it looks channels-last NHWC: use x.permute(0, 3, 1, 2))" if x.shape[-1] == cin else ""
         raise ValueError(f"{name} must have {cin} channels in dim 1 (NCHW); got shape {tuple(x.shape)}{hint}")
     if not (x.is_floating_point() or pixels):
-        raise TypeError(
-            f"{name} has integer dtype {x.dtype}; DiffAug takes float images in [-1, 1] "
-            f"(for uint8 pixels: x.float() / 127.5 - 1, or pass them NHWC [B, H, W, {cin}])"
-        )
+        kind = "complex" if x.is_complex() else "boolean" if x.dtype == torch.bool else "integer"
+        fix = (f"for uint8 pixels: x.float() / 127.5 - 1, or pass them NHWC [B, H, W, {cin}]" if kind == "integer"
+               else "pass a real tensor, e.g. x.real" if kind == "complex" else "x.float() * 2 - 1")
+        raise TypeError(f"{name} has {kind} dtype {x.dtype}; DiffAug takes real float images in [-1, 1] ({fix})")
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch")
     down = denoiser.total_downsampling

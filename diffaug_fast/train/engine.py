@@ -40,6 +40,10 @@ class EngineSettings:
     batch_size: int = setting(256, "global batch size, over all processes")
     image_size: int = setting(224, "training crop size in pixels (the UNet runs at this size too)")
     resize_size: int = setting(256, "Resize size before the centre crop of the DiffAug and val views")
+    eval_crop_ratio: float | None = setting(None, "evaluation view: Resize(image_size / ratio) + CenterCrop(image_size) "
+                                                  "(0.875: Resize 256 + CenterCrop 224; 1.0: DeiT-III's); unset: "
+                                                  "image_size / resize_size, the DiffAug view's")
+    eval_interpolation: str = setting("bilinear", "filter of the evaluation view's Resize: bilinear | bicubic (DeiT-III)")
     amp: bool = setting(False, "mixed precision: fp16 on GPU, bf16 on a CPU with native bf16, else float32")
     compile: bool = setting(False, "torch.compile the classifier")
     channels_last: bool = setting(True, "channels_last memory format for the batch and the classifier")
@@ -127,7 +131,7 @@ class Trainer(SetupMixin, TrainLoop):
         else:
             res = evaluate_folder(self.model, self.val_index, self.classes, batch_size=self.per_rank,
                                   backend=self.s.loader, device=self.device, autocast_dtype=self.amp_dtype,
-                                  num_workers=self.s.workers, **self.geometry)
+                                  num_workers=self.s.workers, **self.eval_geometry)
             self.say(f"epoch {epoch}: val top-1 {res['top1']:.2f}% ({res['n']} images)")
         self.log.write(event="eval", epoch=epoch, **res)
 

@@ -11,7 +11,7 @@ import torch
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ..data import build_loader
-from ..eval.ensemble import DE_TIMESTEPS, evaluate_corruptions, evaluate_folder
+from ..eval.ensemble import DE_TIMESTEPS, evaluate_corruptions, evaluate_folder, protocol_text
 from ..eval.ood import demo_auroc_line
 from ..eval.smoothing import demo_certify_line
 from ..ops.augment import augment
@@ -29,8 +29,9 @@ def final_report(tr) -> dict:
     """tr: the finished :class:`diffaug_fast.train.engine.Trainer` (rank 0)."""
     s, say, den, dev = tr.s, tr.say, tr.den, tr.device
     common = dict(batch_size=tr.per_rank, backend=s.loader, device=dev, autocast_dtype=tr.amp_dtype,
-                  num_workers=s.workers, **tr.geometry)
-    out: dict = {}
+                  num_workers=s.workers, **tr.eval_geometry)
+    out: dict = {"eval_view": protocol_text(tr.eval_geometry)}
+    say(f"evaluation view (val and corrupted val below): {out['eval_view']}")
     if s.de_eval and den is not None:
         res = evaluate_folder(tr.model, tr.val_index, tr.classes, denoiser=den, timesteps=DE_TIMESTEPS, **common)
         say(f"val top-1: plain {res['top1']:.2f}%, DiffAug Ensemble {res['top1_de']:.2f}% "

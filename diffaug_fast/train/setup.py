@@ -14,9 +14,11 @@ import torch
 
 from ..bank import BankError, BankReader, open_for_training
 from ..data import build_loader, scan_dataset
+from ..data.base import INTERPOLATIONS
 from ..diffusion.denoiser import Denoiser, load_denoiser
 from ..diffusion.unet import UNet, get_preset
 from ..distributed import gather_objects
+from ..eval.ensemble import eval_geometry
 from ..hardware import fast_half_dtype
 from ..runs import LAST, PREV
 
@@ -90,8 +92,16 @@ class SetupMixin:
             raise SystemExit("--diffaug-fraction must lie in [0, 1]")
         if s.bank_on_bad not in ("error", "online"):
             raise SystemExit(f"--bank-on-bad {s.bank_on_bad!r}: expected error or online")
+        if s.eval_crop_ratio is not None and not 0 < s.eval_crop_ratio <= 1:
+            raise SystemExit(f"--eval-crop-ratio {s.eval_crop_ratio}: must lie in (0, 1]")
+        if s.eval_interpolation not in INTERPOLATIONS:
+            raise SystemExit(f"--eval-interpolation {s.eval_interpolation!r}: choose {' or '.join(INTERPOLATIONS)}")
         if s.resume and s.overwrite:
             raise SystemExit("--resume and --overwrite contradict each other: choose one")
+        if s.run_name is not None and (s.run_name in ("", ".", "..") or Path(s.run_name).name != s.run_name):
+            # the run folder is --out/NAME: a path would put it (and --overwrite's deletions) outside --out
+            raise SystemExit(f"--run-name {s.run_name!r}: give a plain folder name (no '/', not '.' or '..'); "
+                             "the run is written to --out/NAME")
         self.demo = s.data is None and self.recipe.demo is not None
         if s.data is None and not self.demo:
             raise SystemExit("--data DIR is required (a folder with train/ and val/)")
@@ -120,6 +130,9 @@ class SetupMixin:
                     say(idx.report())
         self.per_rank = s.batch_size // self.size
         self.geometry = dict(crop_size=s.image_size, resize_size=s.resize_size)
+        # the val / final evaluation's view: the recipe's protocol (rn50: 0.875 bilinear; vit: 1.0 bicubic)
+        self.eval_geometry = eval_geometry(s.image_size, s.eval_crop_ratio or s.image_size / s.resize_size,
+                                           s.eval_interpolation)
         extra = {}
         if self.bank_dir:
             self.bank = open_bank_for_training(self.bank_dir, self.train_index, root / "train", s)

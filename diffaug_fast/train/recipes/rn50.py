@@ -14,8 +14,8 @@ torchvision's recipe and the authors' code, lr x0.1 every 30 epochs, 90 epochs; 
 
 Finetunes: --init CKPT starts from a torchvision state_dict, an AugMix/DeepAugment checkpoint
 ({"state_dict", "optimizer"}) or one of ours, with its optimizer state when it has one that fits.
---augmix adds two AugMix views of the clean crop (torchvision's AugMix with the AugMix paper's ImageNet
-settings: severity 1, width 3, depth 1-3) and the Jensen-Shannon consistency loss x --jsd-weight (12):
+--augmix adds two AugMix views of the clean crop (the AugMix paper's ImageNet code and settings: severity 1,
+width 3, depth 1-3; recipes/augmix.py) and the Jensen-Shannon consistency loss x --jsd-weight (12):
 loss = CE(clean) + CE(diffaug) + 12 * JSD(clean, augmix1, augmix2), as the authors' diffaugmix.py.
 
 Checkpoints are written atomically at every epoch end and on SIGTERM/SIGINT (last.pt, the previous one
@@ -31,13 +31,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ...constants import IMAGENET_MEAN, IMAGENET_STD
-from ...ops.fused import to_unit
 from ...runs import RunError, load_checkpoint_file
 from ..demo import classifier_demo
 from ..engine import EngineSettings, Recipe, parse_settings, run, setting
 from ..step import DiffAugPlan, StepParts
 from ..step import train_step as _engine_step
+from .augmix import AugMixConfig
+from .augmix import augmix_views as _augmix_views
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Settings(EngineSettings):
     augmix: bool = setting(False, "two AugMix views + JSD consistency loss")
     jsd_weight: float = setting(12.0, "weight of the AugMix Jensen-Shannon consistency loss")
     recipe: str | None = setting(None, "augmix-diffaug | deepaugment-diffaug: the paper's finetunes (prints what it sets)")
+    eval_crop_ratio: float | None = setting(0.875, "evaluation view: Resize(image_size / ratio) + CenterCrop(image_size); "
+                                                   "0.875 = Resize 256 + CenterCrop 224, DiffAug's eval scripts")
 
 
 # The embedded demo (no --data): synthetic 64 px images, 4 classes x 400, cut to 48 px. Sized for minutes on 2
@@ -62,7 +64,7 @@ class Settings(EngineSettings):
 # steps where ResNet-18 had 88%, bench/NOTES.md), 8 epochs of 50 steps, lr 0.1 then 0.01 for the last two.
 DEMO = dict(arch="resnet18", epochs=8, batch_size=32, lr=0.1, lr_step=6, image_size=48, resize_size=55,
             diffaug_fraction=0.5, zero_init_residual=True,
-            bench_steps=3)
+            bench_steps=3, eval_crop_ratio=None)  # None: evaluate on the DiffAug view's Resize 55 + CenterCrop 48
 
 # The paper's finetunes of robust ResNet-50s (the authors' training_scripts/diffaugmix.py and diffda.py):
 # 50k steps at batch 256 from the checkpoint and its optimizer state, constant lr, SGD momentum 0.9, wd 1e-4.
@@ -175,24 +177,16 @@ def _optimizer_mismatch(opt, opt_sd: dict) -> str | None:
     return None
 
 
-# AugMix, the AugMix paper's ImageNet settings (google-research/augmix imagenet.py: severity 1, width 3,
-# depth 1-3, alpha 1, the base operations only); applied on the clean crop in the training process (uint8),
-# so it works with either loader and every DiffAug mode.
-AUGMIX = dict(severity=1, mixture_width=3, chain_depth=-1, alpha=1.0, all_ops=False)
+# AugMix as the AugMix paper's ImageNet code (google-research/augmix imagenet.py: severity 1, width 3, depth
+# 1-3, alpha 1, the base operations; augmix.py says how each magnitude is drawn); applied to the clean crop's
+# own pixels in the training process, so it works with either loader and every DiffAug mode.
+AUGMIX = AugMixConfig()
 
 
 def augmix_views(clean: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
-    """Two AugMix views of each normalized clean crop [b, 3, H, W]; torchvision's AugMix draws from the global
-    torch RNG, which the engine seeds per step (exact resume)."""
-    op = torchvision.transforms.AugMix(**AUGMIX)
-    mean = torch.tensor(IMAGENET_MEAN, device=clean.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=clean.device).view(1, 3, 1, 1)
-    u8 = (to_unit(clean, IMAGENET_MEAN, IMAGENET_STD) * 255).round_().clamp_(0, 255).to(torch.uint8)
-    views = []
-    for _ in range(2):
-        mixed = torch.stack([op(img) for img in u8]).float().div_(255)
-        views.append((mixed - mean) / std)
-    return views
+    """Two AugMix views of each normalized clean crop [b, 3, H, W], normalized the same way; drawn from the
+    step generator's seed, so a resumed run replays them."""
+    return _augmix_views(clean, g, AUGMIX)
 
 
 def jsd_loss(logits_clean: torch.Tensor, extra: list[torch.Tensor], y: torch.Tensor, weight: float = 12.0):
@@ -211,7 +205,10 @@ def describe(tr) -> list[str]:
              f"wd {s.weight_decay} on {'all parameters' if s.wd_bn_bias else 'weights only (not BN, biases)'}; "
              f"SyncBatchNorm {'on' if tr.sync_bn else 'off'}"]
     if s.augmix:
-        lines.append(f"AugMix: 2 views per image {AUGMIX}, JSD consistency loss x {s.jsd_weight}")
+        c = AUGMIX
+        lines.append(f"AugMix: 2 views per image (severity {c.severity:g}, width {c.width}, depth "
+                     f"{'1-3' if c.depth < 0 else c.depth}, alpha {c.alpha:g}, {len(c.ops)} base operations, as "
+                     f"google-research/augmix), JSD consistency loss x {s.jsd_weight}")
     if s.recipe:
         parts = []
         for k, v in PRESETS[s.recipe].items():

@@ -63,6 +63,10 @@ class Settings(EngineSettings):
     drop_path: float = setting(0.2, "stochastic depth rate")
     aa: str = setting("rand-m9-mstd0.5-inc1", "RandAugment policy of the clean view (timm); 'none' disables")
     sync_bn: bool = setting(False, "a ViT has no BatchNorm")
+    eval_crop_ratio: float | None = setting(1.0, "evaluation view: Resize(image_size / ratio) + CenterCrop(image_size); "
+                                                 "1.0 bicubic = DeiT-III's (--eval-crop-ratio 1.0 in its README)")
+    eval_interpolation: str = setting("bicubic", "filter of the evaluation view's Resize (DeiT's Resize(..., "
+                                                 "interpolation=3) = bicubic)")
 
 
 # The embedded demo (no --data): a 4-block ViT with LayerScale, 8 px patches on the 48 px synthetic images,
@@ -70,7 +74,7 @@ class Settings(EngineSettings):
 DEMO = dict(arch="deit3_small_patch16_224", model_kwargs='{"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3, "init_values": 0.1}',
             epochs=6, batch_size=32, lr=2e-3, min_lr=1e-5, warmup_lr=1e-5, warmup_epochs=1, weight_decay=0.05,
             drop_path=0.1, image_size=48, resize_size=55, diffaug_fraction=1.0,
-            bench_steps=3)
+            bench_steps=3, eval_crop_ratio=None, eval_interpolation="bilinear")  # the demo's val view: Resize 55 + Crop 48
 
 
 def model_kwargs(s: Settings) -> dict:
