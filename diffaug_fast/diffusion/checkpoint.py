@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..runs import load_error_reason
 from .schedule import Schedule
 from .unet import PRESETS, UNet, UNetConfig
 
@@ -31,6 +32,11 @@ StateDict = Mapping[str, torch.Tensor]
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, is unsafe, or does not fit the requested architecture."""
+
+
+# what a file handed over as a checkpoint may really be, by its first bytes (named in the refusal)
+_MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+          b"{": "JSON text?", b"\x93NUMPY": "a NumPy .npy file"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -52,23 +58,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable .safetensors file: {e}") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    with path.open("rb") as f:
+        head = f.read(8)
+    zip_file, pickle_file = head[:4] == b"PK\x03\x04", head[:1] == b"\x80"  # torch.save's two formats
+    if not (zip_file or pickle_file):
+        kind = next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: neither a torch.save zip archive nor a pickle "
+                              f"(it starts with bytes {head[:4].hex(' ')}{f': {kind}' if kind else ''})")
+    try:  # mmap only for the zip format: legacy (pre-zip) files cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zip_file)
     except pickle.UnpicklingError as e:
-        # weights_only refuses any pickle that would import or call code: say so, never retry unsafely.
-        raise CheckpointError(
-            f"refusing to load {path}: it is not a plain tensor state_dict and loading it would execute "
-            f"code from the file (torch.load weights_only=True rejected it: {str(e).splitlines()[0]})"
-        ) from None
-    except RuntimeError as e:
-        if "mmap" not in str(e) and "zip" not in str(e).lower():
-            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-        try:  # legacy (pre-zip) serialization cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e2:  # noqa: BLE001 - reported to the user with the file name
-            raise CheckpointError(f"cannot read checkpoint {path}: {e2}") from None
-    except (EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {e}") from None
+        reason = load_error_reason(e)
+        if "unsupported global" in reason.lower():
+            # weights_only refuses any pickle that would import or call code: say so, never retry unsafely.
+            raise CheckpointError(f"refusing to load {path}: it is not a plain tensor state_dict and loading it "
+                                  f"would execute code from the file ({reason})") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged or not a checkpoint ({reason})") from None
+    except Exception as e:  # noqa: BLE001 - a truncated zip, random bytes (KeyError from the unpickler), ...
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated, damaged or not a checkpoint "
+                              f"({load_error_reason(e)})") from None
     return _as_state_dict(obj, str(path))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -244,8 +245,9 @@ def load_denoiser(
 
     checkpoint: path to a .pt/.pth state_dict (read with weights_only=True) or .safetensors, or a state_dict.
     preset: a name from ``PRESETS``, a ``UNetConfig``, or None: the architecture and schedule of the JSON
-        sidecar beside a checkpoint trained by ``python -m diffaug_fast.train_denoiser``, else inferred from
-        the weights.
+        sidecar beside a checkpoint trained by ``python -m diffaug_fast.train_denoiser``, else the preset the
+        weights fit exactly. A file that fits no preset and has no sidecar raises CheckpointError (its schedule
+        and heads are not in the weights); an in-memory state_dict is then inferred with a warning.
     dtype: float32, or float16/bfloat16 for the block convolutions (GroupNorm, the timestep MLP and the
     output layer stay float32, as guided-diffusion's fp16 mode does).
     schedule: override the preset's noise schedule / timestep convention.
@@ -262,13 +264,25 @@ def load_denoiser(
     else:
         raise TypeError(f"checkpoint must be a path or a state_dict, got {type(checkpoint).__name__}")
 
-    side = read_sidecar(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) and preset is None else None
+    from_file = isinstance(checkpoint, (str, os.PathLike))
+    side = read_sidecar(checkpoint) if from_file and preset is None else None
     if side is not None:
         config, sched, _ = side
         name = "custom"  # a name is a preset's or "custom": the bank reloads by it (None for "custom")
         schedule = schedule or sched
     elif preset is None:
-        config, name = infer_config(sd)
+        with warnings.catch_warnings():
+            if from_file:  # refused below instead of warned about
+                warnings.simplefilter("ignore")
+            config, name = infer_config(sd)
+        if from_file and name == "custom":
+            # the schedule and head count are not in the weights: guessing them loads another model in silence
+            raise CheckpointError(
+                f"{checkpoint} fits no preset and has no {sidecar_path(checkpoint).name} beside it (a "
+                "train_denoiser model.pt copied without its .json?), so its noise schedule and attention heads are "
+                f"unknown (the weights alone suggest a {config.family} UNet with model_channels="
+                f"{config.model_channels}, channel_mult={config.channel_mult}): put the .json back beside it, or "
+                "pass preset= (a name or a UNetConfig; train/rn50.py: --unet-preset)")
     elif isinstance(preset, UNetConfig):
         config, name = preset, "custom"
     else:

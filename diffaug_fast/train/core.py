@@ -99,11 +99,18 @@ class TrainLoop:
         self.log = JsonLog(path / "log.jsonl" if self.is_main else None)
 
     def save_state(self, state: dict) -> None:
-        """``state`` as last.pt, atomically (the one it replaces kept as prev.pt) on rank 0; all ranks wait."""
+        """``state`` as last.pt, atomically (the one it replaces kept as prev.pt) on rank 0; all ranks wait. A
+        write that fails (a full disk) stops every rank with one line: what happened and that a rerun continues."""
+        error = None
         if self.is_main:
             self.hooks.before_save(self, state)
-            self.rundir.save_checkpoint(state)
-        self.sync()
+            try:
+                self.rundir.save_checkpoint(state)
+            except RunError as e:
+                error = str(e)
+        error = self.share(error)  # a collective: every rank waits here for rank 0's write, as a barrier would
+        if error:
+            raise SystemExit(error)
 
     def load_state(self, map_location=None) -> tuple[dict, Path]:
         """The newest readable checkpoint (last.pt, else prev.pt), chosen by rank 0 and read on every rank."""

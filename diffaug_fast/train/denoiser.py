@@ -5,16 +5,24 @@ with improved-diffusion's objective on an ImageFolder tree.
         --batch-size B --lr LR --out CKPT [--resume | --overwrite] [--ema-rate R] [--val DIR]
     torchrun --nproc-per-node 8 -m diffaug_fast.train_denoiser ...
 
+As improved-diffusion trains (its image_datasets.py and train_util.py): each image resized so its shorter side
+is --image-size and centre-cropped, no flip (--crop random-resized and --flip train on other views), no gradient
+clipping (--grad-clip N clips at N), AdamW, an EMA of the weights; the EMA decay warms up as diffusers' EMAModel
+(min(--ema-rate, (1 + n) / (10 + n)) at update n; --no-ema-warmup: the constant rate), so a short run exports
+weights that denoise, and the export warns when its held-out gain at t = 250 is under 1 dB.
+
 Outputs: ``--out`` (the EMA weights as a plain OpenAI-format state_dict, which guided-diffusion's UNetModel
 loads strictly), the same tensors as ``.safetensors``, and a JSON sidecar (``model.json`` beside
-``model.pt``) with the UNetConfig, the schedule, the image size, steps, seed, data fingerprint and the
-command; ``load_denoiser(path)`` reads the architecture and schedule from it. The run folder (``--run-dir``,
-default ``<out without suffix>.run/``) holds last.pt/prev.pt (raw + EMA weights, optimizer, step), written
-every --save-every steps, at the end and on SIGTERM/SIGINT, log.jsonl and the PNG grid of one-step denoising.
+``model.pt``) with the UNetConfig, the schedule, the image size, steps, seed, data fingerprint, run folder and
+the command; ``load_denoiser(path)`` reads the architecture and schedule from it. --out is locked while the run
+lives, and an existing file there that another run (or anyone else) wrote is refused unless --overwrite. The run
+folder (``--run-dir``, default ``<out without suffix>.run/``) holds last.pt/prev.pt (raw + EMA weights,
+optimizer, step, the training settings a --resume must repeat), written every --save-every steps, at the end
+and on SIGTERM/SIGINT, log.jsonl, the list of bad images and the PNG grid of one-step denoising.
 
-Randomness: the crop/flip of a sample comes from (seed, epoch, dataset index) (the data plan), its t and
-noise from (seed, step, dataset index); so a resumed run replays the same steps bit for bit, and N processes
-see the same global batch, t and noise as one (DDP averages the same gradient up to summation order).
+Randomness: the crop/flip of a sample comes from (seed, epoch or step, dataset index), its t and noise from
+(seed, step, dataset index); so a resumed run replays the same steps bit for bit, and N processes see the same
+global batch, t and noise as one (DDP averages the same gradient up to summation order).
 """
 
 from __future__ import annotations
@@ -40,20 +48,25 @@ from ..data import build_loader, scan_dataset
 from ..diffusion.unet import UNet, count_parameters
 from ..distributed import World
 from ..hardware import fast_half_dtype
+from ..runs import LAST, LOCK_NAME, PREV
 from .core import TrainLoop
+from .denoiser_checks import check_numbers, check_out_path, hyper_mismatch, lock_out, resolve_config
 from .denoiser_parts import (
     PSNR_TS,
+    WEAK_GAIN_DB,
+    WEAK_GAIN_T,
     LossTables,
     LossWindow,
     ModelFn,
-    check_out_path,
     diffusion_forward,
+    ema_decay,
     export_checkpoint,
     format_psnr_table,
     optimizer_step,
     psnr_table,
-    resolve_config,
+    report_bad_images,
     save_grid_png,
+    training_view,
 )
 from .flags import given_flags, setting
 
@@ -71,8 +84,14 @@ class DenoiserSettings:
     batch_size: int = setting(64, "global batch size, over all processes")
     lr: float = setting(1e-4, "AdamW learning rate")
     weight_decay: float = setting(0.0, "improved-diffusion's default")
-    ema_rate: float = setting(0.9999, "decay of the exported EMA weights")
-    grad_clip: float = setting(1.0, "gradient-norm clipping threshold")
+    ema_rate: float = setting(0.9999, "decay of the exported EMA weights (improved-diffusion's)")
+    ema_warmup: bool = setting(True, "EMA decay min(--ema-rate, (1 + n) / (10 + n)) at update n, as diffusers' "
+                                     "EMAModel: a short run exports trained weights, not its initial ones")
+    grad_clip: float = setting(0.0, "clip the gradient norm at this value; 0 = no clipping (improved-diffusion "
+                                    "only logs the norm)")
+    crop: str = setting("center", "training view: center (the shorter side resized to --image-size, the centre "
+                                  "cut: improved-diffusion's) | random-resized (RandomResizedCrop, scale 0.08-1)")
+    flip: bool = setting(False, "mirror half of the training views (improved-diffusion does not)")
     amp: bool = setting(True, "fp16 + GradScaler on GPU, bf16 on a CPU with native bf16, else float32")
     seed: int = setting(0, "seed of every random draw (init, data order, crops, t, noise)")
     val: str | None = setting(None, "held-out images from this tree; default: --held-out images taken out of --data")
@@ -95,16 +114,6 @@ def parse_args(argv: list[str] | None) -> DenoiserSettings:
     return DenoiserSettings(**given_flags(DenoiserSettings, argv, __doc__, prog="python -m diffaug_fast.train_denoiser"))
 
 
-def _check_numbers(s: DenoiserSettings) -> None:
-    checks = [(s.steps >= 1, "--steps must be >= 1"), (s.batch_size >= 1, "--batch-size must be >= 1"),
-              (s.lr > 0, "--lr must be > 0"), (0.0 <= s.ema_rate < 1.0, "--ema-rate must lie in [0, 1)"),
-              (s.grad_clip > 0, "--grad-clip must be > 0"), (s.held_out >= 1, "--held-out must be >= 1"),
-              (min(s.eval_every, s.log_every, s.save_every) >= 1, "--eval-every/--log-every/--save-every must be >= 1")]
-    for ok, msg in checks:
-        if not ok:
-            raise SystemExit(msg)
-
-
 def _scan(path: str, flag: str, progress: bool):
     root = Path(path)
     if not root.is_dir():
@@ -117,10 +126,12 @@ def _scan(path: str, flag: str, progress: bool):
 
 
 def split_data(s: DenoiserSettings, progress: bool):
-    """(train index, held-out index): --val's first images, else --held-out images taken out of --data."""
+    """(train index, held-out index, {flag: the index as scanned, bad files listed}): the held-out images are
+    --val's first ones, else --held-out images taken out of --data."""
     index = _scan(s.data, "--data", progress)
+    scanned = {"--data": index}
     if s.val:
-        val = _scan(s.val, "--val", progress)
+        val = scanned["--val"] = _scan(s.val, "--val", progress)
         held = val.subset(np.random.default_rng(s.seed).permutation(len(val))[: s.held_out].tolist())
         train = index
     else:
@@ -130,7 +141,7 @@ def split_data(s: DenoiserSettings, progress: bool):
         held, train = index.subset(sorted(perm[: s.held_out].tolist())), index.subset(sorted(perm[s.held_out:].tolist()))
     if len(train) < s.batch_size:
         raise SystemExit(f"--data {s.data}: {len(train)} training images, fewer than --batch-size {s.batch_size}")
-    return train, held
+    return train, held, scanned
 
 
 def load_images(index, size: int) -> torch.Tensor:
@@ -141,17 +152,21 @@ def load_images(index, size: int) -> torch.Tensor:
 
 
 class DenoiserTrainer(TrainLoop):
-    """One denoiser run: ``DenoiserTrainer(settings, argv).run() -> summary`` (methods in the order they run)."""
+    """One denoiser run: ``DenoiserTrainer(settings, argv).run() -> summary`` (methods in the order they run).
+    Everything the command line can get wrong is refused in ``__init__`` and ``setup`` before the run folder or
+    --out is touched, so a corrected rerun is never refused because of the failed one."""
 
     def __init__(self, s: DenoiserSettings, argv: list[str], world: World | None = None):
         super().__init__(world)
         if s.batch_size % self.size:
             raise SystemExit(f"--batch-size {s.batch_size} is not divisible by the {self.size} processes")
         self.s, self.argv = s, argv
-        self.cfg = resolve_config(s.preset, s.config, s.image_size)
-        self.out = check_out_path(s.out)
-        self.run_dir = Path(s.run_dir) if s.run_dir else self.out.with_suffix(".run")
-        self.step = 0
+        self.cfg = resolve_config(s.preset, s.config, s.image_size, say=self.say)
+        self.out, self.run_dir = check_out_path(s.out, s.run_dir, s.overwrite)
+        self.step, self.epoch, self.out_lock = 0, 0, None
+        # what a resumed run must repeat: the optimizer, EMA and data settings (the identity adds the model's)
+        self.hyper = {k: getattr(s, k) for k in ("lr", "weight_decay", "ema_rate", "ema_warmup", "grad_clip", "crop",
+                                                 "flip")}
 
     def run(self) -> dict:
         try:
@@ -167,9 +182,26 @@ class DenoiserTrainer(TrainLoop):
 
     def setup(self) -> None:
         s = self.s
-        self.train_index, self.held_index = split_data(s, progress=s.progress and self.is_main)
+        self.train_index, self.held_index, scanned = split_data(s, progress=s.progress and self.is_main)
+        # --resume of a run killed before its first checkpoint (its folder holds our lock file but no checkpoint):
+        # nothing to continue, nothing lost by starting over
+        fresh = self.share(s.resume and (self.run_dir / LOCK_NAME).exists()
+                           and not any((self.run_dir / f).exists() for f in (LAST, PREV)))
+        if fresh:
+            self.say(f"--resume: {self.run_dir} has no checkpoint yet (stopped before its first): starting it afresh")
+            self.s = s = dataclasses.replace(s, resume=False, overwrite=True)
+        error = None
+        if self.is_main:
+            try:
+                self.out_lock = lock_out(self.out)
+            except SystemExit as e:
+                error = str(e.code)
+        if error := self.share(error):  # every rank stops, not only rank 0
+            raise SystemExit(error)
         self.open_folder(self.run_dir, resume=s.resume, overwrite=s.overwrite)
         self.sync()
+        if self.is_main and (text := report_bad_images(scanned, self.run_dir / "bad_images.txt")):
+            self.say(text)
         self.fingerprint = dataset_fingerprint(self.train_index, self.train_index.root)
         # what a resumed run must share with the checkpoint it continues
         self.identity = json.loads(json.dumps({"unet_config": self.cfg.to_dict(), "batch_size": s.batch_size,
@@ -184,15 +216,19 @@ class DenoiserTrainer(TrainLoop):
         self.net = torch.nn.parallel.DistributedDataParallel(self.model) if self.size > 1 else self.model
         self.schedule = self.cfg.schedule()
         self.tables = LossTables(self.schedule)
+        # the train split shuffles per epoch and gives both views: "clean" (random-resized + flip) and "diffaug"
+        # (resize + centre crop), from which training_view picks --crop's
         self.loader = build_loader(self.train_index, "train", batch_size=s.batch_size // self.size, backend=s.loader,
                                    output="float", mean=UNIT_MEAN, std=UNIT_STD, channels_last=False,
                                    shard_id=self.rank, num_shards=self.size, seed=s.seed, num_workers=s.workers,
                                    device=self.device if self.device.type == "cuda" else None,
                                    crop_size=s.image_size, resize_size=s.image_size)
+        self.sizes = np.asarray(self.train_index.sizes, dtype=np.int64).reshape(-1, 2)  # (h, w) by dataset index
         self.held = load_images(self.held_index, s.image_size).to(self.device) if self.is_main else None
 
     def restore(self) -> None:
-        """--resume: weights, EMA, optimizer and step from the newest readable checkpoint of the same run."""
+        """--resume: weights, EMA, optimizer and step from the newest readable checkpoint of the same run,
+        refused when the model, data or training settings differ from the checkpoint's."""
         if not self.s.resume:
             return
         ck, path = self.load_state(map_location="cpu")
@@ -200,6 +236,8 @@ class DenoiserTrainer(TrainLoop):
         if bad := [f"{k}: checkpoint {have.get(k)!r} vs now {v!r}" for k, v in self.identity.items() if have.get(k) != v]:
             raise SystemExit(f"--resume: {self.run_dir} holds a run of another configuration ({'; '.join(bad)}); "
                              "use the original flags, or --overwrite to start afresh")
+        if refusal := hyper_mismatch(ck.get("hyper"), self.hyper, path):
+            raise SystemExit(refusal)
         self.model.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"])
         self.opt.load_state_dict(ck["optimizer"])
@@ -223,34 +261,36 @@ class DenoiserTrainer(TrainLoop):
         """Epochs of the loader until --steps; a stop signal saves and exits at a step boundary."""
         s = self.s
         spe = len(self.loader)
-        epoch = self.step // spe
+        self.epoch = self.step // spe
         if self.step % spe:
-            self.loader.load_state_dict({"epoch": epoch, "position": self.step % spe})
+            self.loader.load_state_dict({"epoch": self.epoch, "position": self.step % spe})
         self.bar = tqdm(total=s.steps, initial=self.step, unit="step", disable=not (s.progress and self.is_main),
                         dynamic_ncols=True)
         self.window = LossWindow(self.schedule.num_steps)
         self.timed, self.timed_s, self.t_start = 0, 0.0, time.perf_counter()
         try:
             while self.step < s.steps:
-                self.loader.set_epoch(epoch)
+                self.loader.set_epoch(self.epoch)
                 for batch in self.loader:
                     self.run_step(batch)
                     self.after_step()
                     if self.step >= s.steps:
                         break
-                epoch += 1
+                self.epoch += 1
         finally:
             self.bar.close()
 
     def run_step(self, batch: dict) -> None:
-        """One update: loss terms, backward, clip, AdamW, EMA; timing and the loss window."""
-        t0 = time.perf_counter()
-        torch.manual_seed(rank_seed(derive_seed(self.s.seed, self.step), self.rank))  # dropout, if any
-        terms, t = diffusion_forward(self.net, batch["clean"].float(), batch["index"], self.s.seed, self.step,
-                                     self.tables, self.amp_dtype)
+        """One update: the training view, loss terms, backward, clip (if asked), AdamW, EMA; timing, the window."""
+        s, t0 = self.s, time.perf_counter()
+        torch.manual_seed(rank_seed(derive_seed(s.seed, self.step), self.rank))  # dropout, if any
+        x0 = training_view(batch, s.crop, s.flip, seed=s.seed, step=self.step, epoch=self.epoch,
+                           sizes=self.sizes)
+        terms, t = diffusion_forward(self.net, x0, batch["index"], s.seed, self.step, self.tables, self.amp_dtype)
         loss = terms["loss"].mean()
-        self.grad_norm = optimizer_step(loss, self.model, self.ema, self.opt, self.scaler, self.s.grad_clip,
-                                        self.s.ema_rate, lambda: self.hooks.after_backward(self, self.step + 1))
+        self.grad_norm = optimizer_step(loss, self.model, self.ema, self.opt, self.scaler, s.grad_clip,
+                                        ema_decay(s.ema_rate, self.step, s.ema_warmup),
+                                        lambda: self.hooks.after_backward(self, self.step + 1))
         loss_val = loss.item()
         if not math.isfinite(loss_val):
             raise SystemExit(f"loss is {loss_val} at step {self.step}: lower --lr or check the data")
@@ -296,7 +336,7 @@ class DenoiserTrainer(TrainLoop):
     def save(self, at: int) -> None:
         self.save_state({"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                          "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "step": at,
-                         "identity": self.identity} if self.is_main else {})
+                         "identity": self.identity, "hyper": self.hyper} if self.is_main else {})
 
     def finish(self) -> dict:
         """Export the EMA weights (rank 0) with their sidecar and the PNG grid; the summary."""
@@ -315,18 +355,34 @@ class DenoiserTrainer(TrainLoop):
         ema.eval()
         rows = psnr_table(ModelFn(ema, self.schedule), self.held, ts=PSNR_TS, seed=s.seed)
         self.say(format_psnr_table(rows, f"EMA weights, {len(self.held)} held-out images: one-step PSNR (dB)"))
-        meta = {"steps": self.step, "seed": s.seed, "batch_size": s.batch_size, "lr": s.lr, "ema_rate": s.ema_rate,
-                "weights": "ema", "data": str(Path(s.data).resolve()), "data_fingerprint": self.fingerprint,
-                "train_images": len(self.train_index),
+        gain = next(r["gain"] for r in rows if r["t"] == WEAK_GAIN_T)
+        if gain < WEAK_GAIN_DB:
+            self.say(f"warning: the exported EMA weights hardly denoise: one-step PSNR gain {gain:+.2f} dB at t = "
+                     f"{WEAK_GAIN_T} on the held-out images (< {WEAK_GAIN_DB:g} dB); train longer (--steps), or "
+                     "lower --ema-rate / keep --ema-warmup so the EMA follows the training")
+        meta = {"steps": self.step, "seed": s.seed, "batch_size": s.batch_size, **self.hyper, "weights": "ema",
+                "data": str(Path(s.data).resolve()), "data_fingerprint": self.fingerprint,
+                "train_images": len(self.train_index), "run_dir": str(self.run_dir.resolve()),
                 "command": ["python", "-m", "diffaug_fast.train_denoiser", *self.argv],
                 "held_out_psnr": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        export_checkpoint(ema.state_dict(), self.cfg, self.out, meta)
+        try:
+            export_checkpoint(ema.state_dict(), self.cfg, self.out, meta)
+        except OSError as e:
+            raise SystemExit(f"cannot write --out {self.out}: {e.strerror or e}; the trained run is kept in "
+                             f"{self.run_dir}: free space (or fix the folder), then rerun the same command with "
+                             "--resume to export it") from None
         grid = save_grid_png(ModelFn(ema, self.schedule), self.schedule, self.held[:6], self.run_dir / "denoising.png",
                              s.seed, f"one-step denoising, EMA weights after {self.step} steps")
         self.say(f"wrote {self.out} (+ .safetensors, .json) and {grid}; {summary['steps_per_s']:.2f} steps/s, "
                  f"{summary['images_per_s']:.1f} images/s")
         self.log.write(event="summary", **summary, psnr=rows)
         return rows
+
+    def close(self) -> None:
+        super().close()
+        if self.out_lock is not None:
+            os.close(self.out_lock)  # frees --out's lock
+            self.out_lock = None
 
 
 def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict:
@@ -336,7 +392,7 @@ def main(argv: list[str] | None = None, *, single_process: bool = False) -> dict
     s = parse_args(argv)
     if not s.data:
         raise SystemExit("--data DIR is required (an ImageFolder tree of training images)")
-    _check_numbers(s)
+    check_numbers(s)
     world = None
     if single_process:
         world = World(0, 1, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else

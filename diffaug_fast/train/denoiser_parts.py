@@ -1,72 +1,39 @@
-"""The parts of denoiser training (diffaug_fast/train/denoiser.py runs them): the UNet config from flags, the
-per-sample t and noise, the forward half (improved-diffusion's hybrid loss) and the backward half (clipping,
-AdamW, EMA) of a step, the loss by quarter of t, and the outputs (the OpenAI-format checkpoint with its JSON
-sidecar, the PNG grid of one-step denoising).
+"""The parts of denoiser training (diffaug_fast/train/denoiser.py runs them): the training view of a batch, the
+per-sample t and noise, the forward half (improved-diffusion's hybrid loss) and the backward half (optional
+clipping, AdamW, the EMA with its warm-up) of a step, the loss by quarter of t, and the outputs (the bad-image
+report, the OpenAI-format checkpoint with its JSON sidecar, the PNG grid of one-step denoising).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..constants import derive_seed
+from ..data.plan import train_boxes
 from ..diffusion.denoiser import SIDECAR_FORMAT, read_sidecar, sidecar_path
 from ..diffusion.loss import PSNR_TS, LossTables, format_psnr_table, hybrid_loss, one_step, psnr_table
 from ..diffusion.schedule import Schedule
-from ..diffusion.unet import UNet, UNetConfig, get_preset
+from ..diffusion.unet import UNet, UNetConfig
 from ..io import atomic_save, atomic_write_bytes
 from ..viz import save_grid
+from .denoiser_checks import check_out_path, resolve_config
 
 __all__ = ["resolve_config", "export_checkpoint", "read_sidecar", "sidecar_path", "sample_t_noise", "ema_update",
-           "diffusion_forward", "optimizer_step", "LossWindow", "ModelFn", "check_out_path", "save_grid_png",
-           "psnr_table", "format_psnr_table", "PSNR_TS", "hybrid_loss", "LossTables"]
+           "ema_decay", "sample_flips", "training_view", "diffusion_forward", "optimizer_step", "LossWindow", "ModelFn",
+           "check_out_path", "save_grid_png", "report_bad_images", "psnr_table", "format_psnr_table", "PSNR_TS",
+           "hybrid_loss", "LossTables", "WEAK_GAIN_DB", "WEAK_GAIN_T"]
 
 GRID_TS = (50, 100, 250, 500, 750, 999)
+# the exported weights are warned about when they denoise less than this at this t (a trained model of the
+# demo's size gains +12 dB there; the zero-initialised output layer of an untrained one, exactly 0)
+WEAK_GAIN_DB, WEAK_GAIN_T = 1.0, 250
 
 
-
-
-def _fail(msg: str):
-    raise SystemExit(msg)
-
-
-def resolve_config(preset: str | None, config: str | None, image_size: int) -> UNetConfig:
-    """The UNetConfig from a preset and/or JSON fields; exits with one line on bad input."""
-    if preset is None and config is None:
-        _fail("give the architecture: --preset NAME or --config JSON (UNetConfig fields)")
-    try:
-        base = get_preset(preset) if preset else None
-    except ValueError as e:
-        _fail(f"--preset: {e}")
-    extra: dict = {}
-    if config:
-        text = Path(config).read_text() if Path(config).is_file() else config
-        try:
-            extra = json.loads(text)
-        except json.JSONDecodeError as e:
-            _fail(f"--config {config!r}: neither a JSON file nor valid JSON ({e.msg} at char {e.pos})")
-        if not isinstance(extra, dict):
-            _fail(f"--config: expected a JSON object of UNetConfig fields, got {type(extra).__name__}")
-        known = {f.name for f in fields(UNetConfig)}
-        if unknown := sorted(set(extra) - known):
-            _fail(f"--config: unknown UNetConfig fields {unknown}; known: {sorted(known)}")
-        extra = {k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}
-    try:
-        cfg = replace(base, **extra) if base else UNetConfig(**extra)
-        cfg = replace(cfg, image_size=image_size)
-        cfg.schedule()
-        with torch.device("meta"):
-            UNet(cfg)
-    except (TypeError, ValueError) as e:
-        _fail(f"invalid UNet config: {e}")
-    if image_size < cfg.total_downsampling or image_size % cfg.total_downsampling:
-        _fail(f"--image-size {image_size}: this UNet downsamples by {cfg.total_downsampling} "
-              f"({len(cfg.channel_mult)} levels), so the size must be a multiple of {cfg.total_downsampling}")
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------- step parts
@@ -81,6 +48,49 @@ def sample_t_noise(seed: int, step: int, ids: torch.Tensor, shape: tuple[int, ..
         ts[i] = torch.randint(num_steps, (1,), generator=g)
         noise[i] = torch.randn(shape, generator=g)
     return ts, noise
+
+
+def ema_decay(rate: float, n: int, warmup: bool = True) -> float:
+    """The EMA decay of update ``n`` (0 for the first): ``min(rate, (1 + n) / (10 + n))`` with the warm-up
+    (diffusers' EMAModel, whose step count starts at 0), else ``rate`` (improved-diffusion's constant rate).
+
+    Why the warm-up: at rate 0.9999 the initial weights keep a share 0.9999^N after N updates, 95% after 500,
+    so a short run would export its untrained start; with the warm-up that share is 9! N! / (N + 9)!.
+    """
+    return min(rate, (1.0 + n) / (10.0 + n)) if warmup else rate
+
+
+def sample_flips(seed: int, step: int, ids: torch.Tensor) -> torch.Tensor:
+    """bool [B]: whether sample i is mirrored at this step, p = 0.5, drawn from (seed, step, ids[i], 1)."""
+    g = torch.Generator()
+    out = torch.empty(len(ids), dtype=torch.bool)
+    for i, k in enumerate(ids.tolist()):
+        g.manual_seed(derive_seed(seed, step, int(k), 1) % 2**63)
+        out[i] = bool(torch.rand((), generator=g) < 0.5)
+    return out
+
+
+def training_view(batch: dict, crop: str, flip: bool, *, seed: int, step: int, epoch: int,
+                  sizes: np.ndarray) -> torch.Tensor:
+    """float [B, 3, S, S] in [-1, 1] the UNet trains on, from a train-split loader batch.
+
+    crop "center": the loader's Resize(S) + CenterCrop(S) view (improved-diffusion's image_datasets.py: the
+    shorter side resized to S, the centre cut), mirrored where ``sample_flips`` says when ``flip``.
+    crop "random-resized": the loader's RandomResizedCrop(0.08-1) view, which the loader mirrors with p = 0.5
+    (data/plan.py ``train_boxes``); without ``flip`` those mirrors are undone (the same draw, recomputed from the
+    loader's seed, the epoch and the image size ``sizes[index]`` = (h, w)).
+    """
+    ids = batch["index"].cpu()
+    if crop == "center":
+        x = batch["diffaug"].float()
+        mirror = sample_flips(seed, step, ids) if flip else None
+    else:
+        x = batch["clean"].float()
+        mirror = None if flip else torch.tensor([train_boxes(seed, epoch, int(i), int(sizes[i][0]), int(sizes[i][1]))[1]
+                                                 for i in ids.tolist()], dtype=torch.bool)
+    if mirror is None or not bool(mirror.any()):
+        return x
+    return torch.where(mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
 @torch.no_grad()
@@ -105,14 +115,16 @@ def diffusion_forward(net, x0: torch.Tensor, ids: torch.Tensor, seed: int, step:
 
 def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, ema: torch.nn.Module, opt, scaler, grad_clip: float,
                    ema_rate: float, after_backward=None) -> torch.Tensor:
-    """Backward half: backward (scaled), gradient clipping, the optimizer step, the EMA update; the grad norm.
+    """Backward half: backward (scaled), gradient clipping when ``grad_clip > 0`` (0: none, as improved-diffusion,
+    which only logs the norm), the optimizer step, the EMA update at decay ``ema_rate``; the gradient norm.
     ``after_backward()`` runs between the backward and the update (a test hook)."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if after_backward is not None:
         after_backward()
     scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # max_norm=inf measures the norm and scales by min(1, inf / norm) = 1: the gradients are left as they are
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     scaler.step(opt)
     scaler.update()
     ema_update(ema, model, ema_rate)
@@ -163,6 +175,21 @@ class ModelFn:
 # ---------------------------------------------------------------------------------------------------- outputs
 
 
+def report_bad_images(indexes: dict, path: Path, shown: int = 10) -> str | None:
+    """Write every bad file of ``indexes`` ({flag: DatasetIndex}) to ``path`` (one "file<TAB>reason" line each);
+    the text to print: per index the count, then the first ``shown`` files and where the full list is. None
+    when there are none."""
+    bad = [(flag, idx, f, why) for flag, idx in indexes.items() for f, why in idx.bad]
+    if not bad:
+        return None
+    atomic_write_bytes("".join(f"{f}\t{why}\n" for _, _, f, why in bad).encode(), path)
+    lines = [f"warning: {flag} {idx.root}: {len(idx.bad)} bad file(s) left out ({len(idx.files)} images used)"
+             for flag, idx in indexes.items() if idx.bad]
+    lines += [f"  bad: {f}: {why}" for _, _, f, why in bad[:shown]]
+    more = f"... and {len(bad) - shown} more; " if len(bad) > shown else ""
+    return "\n".join([*lines, f"  {more}the full list: {path}"])
+
+
 def export_checkpoint(state_dict: dict, config: UNetConfig, out: str | os.PathLike, meta: dict) -> Path:
     """Write ``out`` (.pt state_dict), its .safetensors twin and the JSON sidecar, each atomically.
 
@@ -179,26 +206,6 @@ def export_checkpoint(state_dict: dict, config: UNetConfig, out: str | os.PathLi
             "schedule": {"name": sched.name, "num_steps": sched.num_steps, "rescale_timesteps": sched.rescale_timesteps},
             "image_size": config.image_size, **meta}
     atomic_write_bytes((json.dumps(side, indent=1, default=str) + "\n").encode(), sidecar_path(out))
-    return out
-
-
-def check_out_path(out: str | None) -> Path:
-    if not out:
-        _fail("--out CKPT is required (where the trained weights go, e.g. den/model.pt)")
-    out = Path(out)
-    if out.suffix not in (".pt", ".pth"):
-        _fail(f"--out {out}: name a .pt file (the .safetensors and .json are written beside it)")
-    parent = out.parent
-    if not parent.exists():
-        _fail(f"--out {out}: the folder {parent} does not exist; create it first")
-    if not parent.is_dir():
-        _fail(f"--out {out}: {parent} is not a folder")
-    try:  # os.access says yes to root on a read-only mount: try a real file
-        probe = parent / f".{out.name}.{os.getpid()}.probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        _fail(f"--out {out}: cannot write in {parent} ({e.strerror}); choose a writable folder")
     return out
 
 
