@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "init_distributed", "barrier", "broadcast_object", "gather_objects"]
+__all__ = ["World", "init_distributed", "barrier", "broadcast_object", "gather_objects", "block_of"]
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,10 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t)
     return bool(t.item())
+
+
+def block_of(n: int, world: World) -> range:
+    """This rank's contiguous block of ``n`` items: rank r of W gets [r n // W, (r + 1) n // W), so the blocks
+    tile 0..n-1 in order and differ in length by at most one (evaluation shards: a batch of consecutive
+    images keeps per-image Philox offsets consecutive)."""
+    return range(n * world.rank // world.size, n * (world.rank + 1) // world.size)

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+import torch
+
+from ..hardware import PRECISIONS, fast_half_dtype, precision_name
 from .build import build_bank
 from .common import SHARD_IMAGES, BankError
 from .verify import verify_bank
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None):
     b.add_argument("--shard-images", type=int, default=SHARD_IMAGES)
     b.add_argument("--half", action=argparse.BooleanOptionalAction, default=True,
                    help="half-precision UNet where the device computes it natively (fp16 GPU, bf16 AMX CPU)")
+    b.add_argument("--precision", choices=(*PRECISIONS, "auto"), default=None,
+                   help="the UNet's precision: auto (= --half) or fp32 (= --no-half); bf16/fp16 only where they are "
+                        "what auto picks (the manifest records half precision as the device's native dtype)")
     b.add_argument("--conv-algo", choices=("direct", "winograd"), default="direct",
                    help="float32 convolutions on CPU: winograd measured 1.76x faster on adm256 at 224")
     b.add_argument("--compile", action="store_true", help="torch.compile the UNet (one compile per batch size)")
@@ -51,9 +58,24 @@ def main(argv: list[str] | None = None):
                    help="delete damaged shards and the manifest; rerunning the build command then rebuilds them")
     a = p.parse_args(argv)
     if a.cmd == "build":
+        _precision(a)
         return build_bank(a)
     try:
         res = verify_bank(a.bank, sample=a.sample, recompute=not a.no_recompute, loader=a.loader, repair=a.repair)
     except BankError as e:
         raise SystemExit(f"verify failed: {e}") from None
     print(json.dumps(res, indent=1))
+
+
+def _precision(a: argparse.Namespace) -> None:
+    """--precision onto --half, which the manifest records (verify recomputes with the native half dtype of its
+    own device, compute._unet_options): so bf16 or fp16 are taken only where they are that native dtype."""
+    name = a.precision or ("auto" if a.half else "fp32")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    native = fast_half_dtype(device)
+    if name in ("bf16", "fp16") and PRECISIONS[name] != native:
+        raise SystemExit(f"--precision {name}: the bank builds in the {device.type}'s native half precision "
+                         f"({precision_name(native)} here) or in fp32; use --precision auto or fp32")
+    a.half = name != "fp32" and native is not None
+    if os.environ.get("RANK", "0") == "0":
+        print(f"bank build: precision {precision_name(native if a.half else None)} (--precision {name})")

@@ -18,6 +18,20 @@ depend on (checkpoint and UNet sha256, the dataset's file list and content, n0, 
 differs in any of them, or a TSV it does not list, is refused unless --overwrite. At the end
 <out>/certified_accuracy.{csv,json,png} hold certified accuracy at radii 0, 0.5, ..., 3.0 per sigma and the
 best sigma per radius. Cost: images x (n0 + n) classifier calls per sigma, and as many UNet calls with --unet.
+
+On several GPUs or machines the images are split across torchrun processes (one per GPU, or CPU processes
+over gloo), each appending to its own <out>/sigma_<s>.rank<k>.tsv; rank 0 merges them into sigma_<s>.tsv in
+image order when every process is done. The certificates equal a one-process run's (each image's noise
+depends only on the seed, sigma and the image's index), a SIGKILL of any process followed by the same command
+loses nothing, and a rerun may use another number of processes:
+
+    torchrun --nproc-per-node 8 train/certify.py --ckpt last.pt --data imagenet/val --unet unet.pt --out cert/
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        train/certify.py ... --out /shared/cert/        (and --node-rank 1 on the second machine)
+
+With --nnodes > 1, --out must be a folder every machine sees (a shared file system); a process that does not
+see rank 0's settings.json there stops with a message. The unfinished images of each sigma are dealt out
+round-robin when the run starts, so a resumed run keeps every process busy.
 """
 
 from __future__ import annotations
@@ -38,7 +52,8 @@ import diffaug_fast as df
 
 from ..bank import unet_gflops
 from ..data import scan_dataset
-from ..hardware import fast_half_dtype
+from ..distributed import World, barrier, broadcast_object, init_distributed
+from ..hardware import add_precision_argument, precision_name, resolve_precision
 from ..io import atomic_write_bytes
 from ..runs import RunError, open_run
 from .certify_files import (
@@ -47,6 +62,9 @@ from .certify_files import (
     check_folder,
     cut_torn_tail,
     discard_results,
+    merge_ranks,
+    rank_tsv_path,
+    read_done,
     read_tsv,
     run_settings,
     tsv_path,
@@ -78,7 +96,7 @@ def parse_args(argv):
                    help="noisy copies per classifier/UNet call (memory is flat in n)")
     p.add_argument("--unet", default=None, help="diffusion checkpoint: denoised smoothing (else plain smoothing)")
     p.add_argument("--unet-preset", default=None, help="architecture preset of --unet (default: inferred)")
-    p.add_argument("--amp", action="store_true", help="classifier and UNet in half precision (GPU)")
+    add_precision_argument(p)
     p.add_argument("--loader", default="auto", help="image decoding: auto, dali or torch")
     p.add_argument("--workers", type=int, default=2, help="decoding threads/processes (0: in the main process)")
     p.add_argument("--seed", type=int, default=0, help="noise key: the same seed repeats every certificate")
@@ -111,14 +129,16 @@ def _write_or_exit(data: bytes, path: Path, kept: str) -> None:
 # ---------------------------------------------------------------------------------------------------- certifying
 
 
-def certify_sigma(smooth: Smooth, index, todo: list[int], path: Path, a, loader_kw: dict) -> None:
-    """Certify the images ``todo`` at ``smooth.sigma``, appending one fsynced TSV line each."""
+def certify_sigma(smooth: Smooth, index, todo: list[int], path: Path, a, loader_kw: dict, show: bool = True) -> None:
+    """Certify the images ``todo`` at ``smooth.sigma``, appending one fsynced TSV line each; a progress bar
+    (images/s, ETA) when ``show`` (torchrun's rank 0). Image idx's noise is the Philox stream (seed, sigma) from
+    element idx * (n0 + n) * C * H * W on: the same in every batch order and any number of processes."""
     if not todo:
         return
     cut_torn_tail(path)
     numel = 3 * loader_kw["crop_size"] ** 2
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    bar = tqdm(total=len(todo), desc=f"sigma {smooth.sigma:g}")
+    bar = tqdm(total=len(todo), desc=f"sigma {smooth.sigma:g}", unit="img", disable=not show)
     idx = None
     try:
         if os.fstat(fd).st_size == 0:
@@ -162,8 +182,10 @@ def probe(classifier, num_classes: int, den, sigma: float, crop: int, device, am
     return views / max(time.perf_counter() - t0, 1e-9)
 
 
-def say_plan(a, picks: list[int], todo: dict[float, list[int]], den, crop: int, rate: float, views: int) -> None:
-    """Before the run: the protocol, the largest radius n can certify, and the calls and time left."""
+def say_plan(a, picks: list[int], todo: dict[float, list[int]], den, crop: int, rate: float, views: int,
+             procs: int = 1) -> None:
+    """Before the run: the protocol, the largest radius n can certify, and the calls and time left (at the
+    probe's rate in each of ``procs`` processes)."""
     per = a.n0 + a.n
     print(f"certifying {len(picks)} images of {a.data} (--skip {a.skip}) at sigma "
           f"{', '.join(f'{s:g}' for s in a.sigma)}: n0 = {a.n0:,}, n = {a.n:,}, alpha = {a.alpha:g}")
@@ -174,13 +196,15 @@ def say_plan(a, picks: list[int], todo: dict[float, list[int]], den, crop: int, 
     left = sum(len(v) for v in todo.values())
     calls = left * per
     what = "plain randomized smoothing: no --unet" if den is None else f"and as many UNet calls ({den.name})"
-    print(f"{left} of {len(picks) * len(a.sigma)} (image, sigma) certificates to go: {calls:,} classifier calls ({what})")
+    print(f"{left} of {len(picks) * len(a.sigma)} (image, sigma) certificates to go: {calls:,} classifier calls ({what})"
+          f" = {left} x (n0 + n = {per:,})")
     if den is not None and calls:
         g = unet_gflops(den, crop)
         print(f"  UNet at {crop}x{crop}: {g:.2f} GFLOP per call = {g * calls / 1e6:.3f} PFLOP in total")
     if calls:
-        print(f"  about {calls / rate / 3600:.2f} h at the {rate:.1f} noisy views/s of a probe batch of {views} "
-              f"(--batch-size {a.batch_size} runs faster per view on a GPU)")
+        many = f" in each of {procs} processes (images split across them)" if procs > 1 else ""
+        print(f"  about {calls / rate / procs / 3600:.2f} h at the {rate:.1f} noisy views/s of a probe batch of {views}"
+              f"{many} (--batch-size {a.batch_size} runs faster per view on a GPU)")
 
 
 # ---------------------------------------------------------------------------------------------------- the table
@@ -242,15 +266,28 @@ def plot(table: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def load(a):
-    """(index, classifier model, classes, info, device, amp dtype, denoiser or None); bad input is one line."""
-    if not Path(a.data).is_dir():
-        raise SystemExit(f"--data {a.data}: no such directory")
+def _scan(a):
     try:
-        index = scan_dataset(a.data, progress=False)
+        return scan_dataset(a.data, progress=False)
     except ValueError as e:
         raise SystemExit(f"--data {a.data}: {str(e).splitlines()[0]}") from None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _quiet(*args, **kw) -> None:
+    pass
+
+
+def load(a, w: World):
+    """(index, classifier model, classes, info, device, amp dtype, denoiser or None); bad input is one line.
+    Rank 0 scans --data first, the other processes then read its scan cache."""
+    if not Path(a.data).is_dir():
+        raise SystemExit(f"--data {a.data}: no such directory")
+    index = _scan(a) if w.is_main else None
+    barrier()
+    if index is None:
+        index = _scan(a)  # reads the scan cache rank 0 wrote
+    device = w.device
+    say = print if w.is_main else _quiet
     model, classes, info = load_classifier(a.ckpt, device, a.arch, a.classes)
     if not info["classes_known"]:
         raise SystemExit(f"--ckpt {a.ckpt} is a bare state_dict without class names: pass --classes classes.json")
@@ -259,7 +296,9 @@ def load(a):
         raise SystemExit(f"--data {a.data} has {len(index.classes)} classes, the classifier {len(classes)}"
                          + (f" ({unknown[0]!r} is not among them)" if unknown else "")
                          + ": certify on a dataset with the training classes, in the training order")
-    amp = fast_half_dtype(device) if a.amp else None
+    amp = resolve_precision(a.precision, device)  # None: float32
+    say(f"precision {precision_name(amp)} (--precision {a.precision}): the UNet's block convolutions and the "
+          "classifier")
     den = None
     if a.unet is not None:
         try:
@@ -274,16 +313,10 @@ def load(a):
     return index, model, classes, info, device, amp, den
 
 
-def main(argv: list[str] | None = None) -> dict:
-    a = parse_args(argv)
-    index, model, classes, info, device, amp, den = load(a)
-    picks = list(range(0, len(index), a.skip))[: a.max]
-    crop = info["crop_size"]
-    classifier = with_normalization(model, info["mean"], info["std"])
-    views = min(a.batch_size, PROBE_VIEWS)
-    rate = probe(classifier, len(classes), den, a.sigma[0], crop, device, amp, views)
+def _start(a, out: Path, picks: list[int], index, info, amp, plan) -> tuple[object, dict, str]:
+    """Rank 0: lock --out, check or reset its certificates, print the plan, write settings.json. Returns (the
+    locked run folder, sigma -> images still to certify, the settings.json text)."""
     settings = run_settings(a, index, info, amp)
-    out = Path(a.out)
     try:
         run = open_run(out)  # locks the folder; refuses a training run's folder
     except RunError as e:
@@ -293,9 +326,43 @@ def main(argv: list[str] | None = None) -> dict:
         if not old:
             discard_results(out)  # a new folder, or --overwrite of other settings / unknown TSVs
         settings["sigmas"] = sorted({*old.get("sigmas", []), *a.sigma})
-        todo = {s: [i for i in picks if i not in read_tsv(tsv_path(out, s))] for s in a.sigma}
-        say_plan(a, picks, todo, den, crop, rate, views)
-        _write_or_exit(json.dumps(settings, indent=1).encode(), out / "settings.json", "nothing was certified yet")
+        todo = {s: [i for i in picks if i not in read_done(out, s)] for s in a.sigma}
+        plan(todo)
+        text = json.dumps(settings, indent=1)
+        _write_or_exit(text.encode(), out / "settings.json", "nothing was certified yet")
+    except BaseException:
+        run.close()
+        raise
+    return run, todo, text
+
+
+def _check_shared(out: Path, text: str, w: World) -> None:
+    """Every process must write its rank files where rank 0 merges them: the same --out on every machine."""
+    seen = (out / "settings.json").read_text() if (out / "settings.json").is_file() else None
+    if seen != text:
+        raise SystemExit(f"--out {out}: process {w.rank} does not see the settings.json rank 0 wrote there; with "
+                         "torchrun --nnodes > 1, --out must be a folder every machine sees (a shared file system)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    w = init_distributed()
+    say = print if w.is_main else _quiet
+    index, model, classes, info, device, amp, den = load(a, w)
+    picks = list(range(0, len(index), a.skip))[: a.max]
+    crop = info["crop_size"]
+    classifier = with_normalization(model, info["mean"], info["std"])
+    views = min(a.batch_size, PROBE_VIEWS)
+    rate = probe(classifier, len(classes), den, a.sigma[0], crop, device, amp, views)  # every process its own
+    out = Path(a.out)
+    run, todo, text = None, None, None
+    try:
+        if w.is_main:
+            run, todo, text = _start(a, out, picks, index, info, amp,
+                                     lambda todo: say_plan(a, picks, todo, den, crop, rate, views, w.size))
+        todo, text = broadcast_object((todo, text))
+        if not w.is_main:
+            _check_shared(out, text, w)
         loader_kw = dict(batch_size=8, backend=a.loader, device=device, crop_size=crop,
                          resize_size=info["resize_size"], mean=(0.0,) * 3, std=(1.0,) * 3,  # [0, 1] images
                          num_workers=a.workers)
@@ -304,17 +371,34 @@ def main(argv: list[str] | None = None) -> dict:
             smooth = Smooth(classifier, len(classes), sigma, den, seed=a.seed * 100_003 + round(sigma * 1e4),
                             autocast_dtype=amp)
             if den is not None:
-                print(f"sigma {sigma:g}: denoising at t* = {smooth.t} (first t with sqrt((1-abar)/abar) >= {2 * sigma:g})")
+                say(f"sigma {sigma:g}: denoising at t* = {smooth.t} (first t with sqrt((1-abar)/abar) >= {2 * sigma:g})")
             done = len(picks) - len(todo[sigma])
             if done:
-                print(f"sigma {sigma:g}: {done} images already certified in {tsv_path(out, sigma)}, "
-                      f"{len(todo[sigma])} to go")
-            certify_sigma(smooth, index, todo[sigma], tsv_path(out, sigma), a, loader_kw)
-        table = write_table(out, list(a.sigma))
+                say(f"sigma {sigma:g}: {done} images already certified in {out}, {len(todo[sigma])} to go")
+            # the images left are dealt out round-robin: a resumed run keeps every process busy
+            path = tsv_path(out, sigma) if w.size == 1 else rank_tsv_path(out, sigma, w.rank)
+            certify_sigma(smooth, index, todo[sigma][w.rank::w.size], path, a, loader_kw, show=w.is_main)
+        barrier()  # every process's records are fsynced before rank 0 merges them
+        table = _finish(out, list(a.sigma)) if w.is_main else None
     finally:
-        run.close()
-    print(f"wrote {out / 'certified_accuracy.csv'}, .json and .png")
-    return table
+        if run is not None:
+            run.close()
+    say(f"wrote {out / 'certified_accuracy.csv'}, .json and .png")
+    return broadcast_object(table)
+
+
+def _finish(out: Path, sigmas: list[float]) -> dict:
+    """Rank 0: merge the processes' rank files into each sigma's TSV, then the table."""
+    for sigma in sigmas:
+        try:
+            merge_ranks(out, sigma)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            raise SystemExit(f"no space left on the device of {out} merging the rank files of sigma {sigma:g}: "
+                             "every certificate is kept in them; free space and rerun the same command to "
+                             "continue") from None
+    return write_table(out, sigmas)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ A record is a whole line or nothing: a line without its newline (a kill or a ful
 read, and the next run cuts it before appending. settings.json lists what the certificates depend on
 (``RESULT_KEYS``: checkpoint and UNet sha256, the dataset's file list and sampled content, n0, n, alpha, ...)
 and the sigmas whose TSVs the folder holds; anything else is of unknown origin.
+
+Under torchrun each process appends to its own sigma_<s>.rank<k>.tsv (same columns, same record rules), so
+no two processes ever write one file; rank 0 merges them into sigma_<s>.tsv in image order at the end
+(``merge_ranks``: written to a temporary name, renamed, then the rank files are removed). Until then the
+finished images of a sigma are those of sigma_<s>.tsv and every rank file (``read_done``), whatever number of
+processes wrote them.
 """
 
 from __future__ import annotations
@@ -12,14 +18,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from ..bank import BankError, content_fingerprint, dataset_fingerprint, file_sha256, source_digests
+from ..io import atomic_write_bytes
 
-__all__ = ["HEADER", "RESULT_KEYS", "tsv_path", "read_tsv", "append_record", "cut_torn_tail", "run_settings",
-           "check_folder", "discard_results"]
+__all__ = ["HEADER", "RESULT_KEYS", "tsv_path", "rank_tsv_path", "read_tsv", "read_done", "merge_ranks",
+           "append_record", "cut_torn_tail", "run_settings", "check_folder", "discard_results"]
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
 # what a certificate depends on: a folder's TSVs are only ever extended by runs that agree on all of these
@@ -27,13 +35,24 @@ RESULT_KEYS = ("ckpt", "unet", "data", "n0", "n", "alpha", "skip", "max", "seed"
 FINGERPRINTED = ("ckpt", "unet", "data")  # compared by content (<key>_fingerprint); the message shows the paths
 
 
+_RANK_SUFFIX = re.compile(r"\.rank\d+\.tsv$")
+
+
 def tsv_path(out: Path, sigma: float) -> Path:
     return out / f"sigma_{sigma:g}.tsv"
 
 
-def read_tsv(path: Path) -> dict[int, dict]:
-    """Finished images of one sigma: idx -> row. A last line without its newline (a kill or a full disk
-    mid-write) is not a record: the next run cuts it and certifies that image again."""
+def rank_tsv_path(out: Path, sigma: float, rank: int) -> Path:
+    """The file torchrun process ``rank`` appends its certificates of ``sigma`` to (merged by ``merge_ranks``)."""
+    return out / f"sigma_{sigma:g}.rank{rank}.tsv"
+
+
+def _rank_tsvs(out: Path, sigma: float) -> list[Path]:
+    return sorted(p for p in out.glob(f"sigma_{sigma:g}.rank*.tsv") if _RANK_SUFFIX.search(p.name))
+
+
+def _records(path: Path) -> dict[int, tuple[str, dict]]:
+    """idx -> (the record's line, its fields) for every whole record of one TSV."""
     rows = {}
     if not path.exists():
         return rows
@@ -42,11 +61,40 @@ def read_tsv(path: Path) -> dict[int, dict]:
         if len(f) != 6:
             continue
         try:
-            rows[int(f[0])] = {"label": int(f[1]), "predict": int(f[2]), "radius": float(f[3]),
-                               "correct": int(f[4]), "time": float(f[5])}
+            rows[int(f[0])] = (line, {"label": int(f[1]), "predict": int(f[2]), "radius": float(f[3]),
+                                      "correct": int(f[4]), "time": float(f[5])})
         except ValueError:
             continue
     return rows
+
+
+def read_tsv(path: Path) -> dict[int, dict]:
+    """Finished images of one sigma: idx -> row. A last line without its newline (a kill or a full disk
+    mid-write) is not a record: the next run cuts it and certifies that image again."""
+    return {i: row for i, (_, row) in _records(path).items()}
+
+
+def read_done(out: Path, sigma: float) -> dict[int, dict]:
+    """Finished images of ``sigma`` in ``out``: sigma_<s>.tsv and the rank files of an unmerged torchrun run."""
+    rows = read_tsv(tsv_path(out, sigma))
+    for p in _rank_tsvs(out, sigma):
+        rows.update(read_tsv(p))
+    return rows
+
+
+def merge_ranks(out: Path, sigma: float) -> None:
+    """Fold the rank files of ``sigma`` into sigma_<s>.tsv, every record once and in image order. The merged
+    file replaces the old one atomically before the rank files are removed, so a kill at any point loses
+    nothing: a record in both is read once (``read_done``) and the next merge finishes the job."""
+    ranks = _rank_tsvs(out, sigma)
+    if not ranks:
+        return
+    lines = {i: line for i, (line, _) in _records(tsv_path(out, sigma)).items()}
+    for p in ranks:
+        lines.update({i: line for i, (line, _) in _records(p).items()})
+    atomic_write_bytes((HEADER + "".join(lines[i] + "\n" for i in sorted(lines))).encode(), tsv_path(out, sigma))
+    for p in ranks:
+        p.unlink()
 
 
 def append_record(fd: int, text: str) -> None:
@@ -122,8 +170,8 @@ def check_folder(out: Path, settings: dict, overwrite: bool) -> dict:
         raise SystemExit(f"{out} holds certificates made with other settings ({', '.join(keys)}: {list(was)} -> "
                          f"{list(now)}); pass --overwrite to discard them, or another --out")
     listed = {tsv_path(out, s).name for s in old.get("sigmas", [])}
-    unknown = [p for p in tsvs if p.name not in listed]
-    foreign = [p for p in tsvs if p.name in listed and not _starts_with_header(p)]
+    unknown = [p for p in tsvs if _RANK_SUFFIX.sub(".tsv", p.name) not in listed]
+    foreign = [p for p in tsvs if p not in unknown and not _starts_with_header(p)]
     if (unknown or foreign) and not overwrite:
         bad = (unknown or foreign)[0]
         why = "not listed in its settings.json" if unknown else "not a certification TSV (no header line)"

@@ -24,6 +24,21 @@ DeiT-III's), a timm state_dict's pretrained_cfg, or torchvision's 0.875 bilinear
 Everything is checked before any image is scored: paths, --out writable, every OOD-side folder scanned (files
 that cannot be read are named and left out). Results are written as each dataset completes:
 <out>/results.{csv,json} (top-1 and ImageNet-C) and <out>/ood.{csv,json}; a later crash loses nothing finished.
+
+DE noise is seeded per image: the view of image i of a folder of N images at t = 50 (k + 1) is drawn from
+the Philox stream of --seed at element (k N + i) C H W (``augment``'s seed/offset), so it does not depend on
+the batch size, the batch order or the number of processes. Top-1 (--val, --imagenet-c) runs under torchrun
+with each folder's images split into contiguous blocks, one per process; the correct counts are summed
+over the processes (all_gather), so the tables equal a one-process run's. Rank 0 prints and writes them, with
+a progress bar (images/s, ETA) and the UNet calls and time to expect:
+
+    torchrun --nproc-per-node 8 train/eval.py --ckpt last.pt --val imagenet/val --imagenet-c imagenet-c \\
+        --unet 256x256_diffusion_uncond.pt --de --out results/
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        train/eval.py ...        (and --node-rank 1 on the second machine; each machine reads the datasets at
+                                  the same paths, rank 0 writes --out)
+
+--ood runs in one process (run it without torchrun).
 """
 
 from __future__ import annotations
@@ -31,22 +46,29 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import diffaug_fast as df
 
+from ..data import scan_dataset
 from ..data.base import INTERPOLATIONS
-from ..hardware import fast_half_dtype
+from ..distributed import World, barrier, block_of, gather_objects, init_distributed
+from ..hardware import add_precision_argument, precision_name, resolve_precision
 from ..io import atomic_write_bytes
+from ..ops.augment import augment
+from ..train.setup import FAST_UNET
 from .ensemble import (
     DE_TIMESTEPS,
+    ensemble_probs,
     eval_geometry,
-    evaluate_corruptions,
-    evaluate_folder,
     protocol_text,
+    subset_indices,
     summarize_corruptions,
+    val_batches,
 )
 from .models import features_and_head, load_classifier
 from .ood import DEFAULT_DETECTORS, DETECTORS
@@ -96,7 +118,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--loader", default="auto")
     p.add_argument("--workers", type=int, default=4, help="decoding threads/processes (0: in the main process)")
-    p.add_argument("--amp", action="store_true")
+    add_precision_argument(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="eval_out")
     return p.parse_args(argv)
@@ -168,13 +190,131 @@ def check_out(out: Path) -> None:
         raise SystemExit(f"--out {out}: cannot write there ({e.strerror or e}); give a writable folder") from None
 
 
+def top1_folders(a) -> list[tuple[str, str, str, int | str, Path]]:
+    """(flag, dataset, corruption, severity, folder) of every class-folder set to score: each --val, then each
+    --imagenet-c tree's <corruption>/<severity>/ folders (the layout is checked here, before any image is
+    scored)."""
+    jobs = [("--val", d, "", "", Path(d)) for d in a.val]
+    for d in a.imagenet_c:
+        corruptions = sorted(p for p in Path(d).iterdir() if p.is_dir())
+        if not corruptions:
+            raise SystemExit(f"--imagenet-c {d}: expected <corruption>/<severity>/<class>/ folders (the ImageNet-C "
+                             "layout)")
+        for cdir in corruptions:
+            sevs = sorted((p for p in cdir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+            if not sevs:
+                raise SystemExit(f"--imagenet-c {d}: {cdir}: expected numbered severity folders (1..5)")
+            jobs += [("--imagenet-c", d, cdir.name, int(sdir.name), sdir) for sdir in sevs]
+    return jobs
+
+
+def scan_folders(jobs: list, w: World) -> list:
+    """The dataset index of each job's folder: rank 0 scans first, the other processes read its scan cache."""
+    def scan(job):
+        flag, d, *_, folder = job
+        try:
+            return scan_dataset(folder, progress=False)
+        except ValueError as e:
+            raise SystemExit(f"{flag} {d}: {str(e).splitlines()[0]}") from None
+
+    first = [scan(j) for j in jobs] if w.is_main else None
+    barrier()
+    return first if first is not None else [scan(j) for j in jobs]
+
+
+@torch.no_grad()
+def count_correct(model, index, train_classes, w: World, *, denoiser=None, timesteps=DE_TIMESTEPS, seed: int = 0,
+                  batch_size: int, backend: str, device, autocast_dtype=None, bar=None, on_batch=None,
+                  **geometry) -> dict:
+    """This process's block of ``index`` (``block_of``) scored plain and, with a denoiser, by DiffAug Ensemble
+    (``ensemble.evaluate``'s protocol); returns integer counts {"n", "plain", "de", "by_t": {t: count}}.
+
+    The noise of image i (of the whole folder) at the (k + 1)-th t > 0 is Philox (seed, (k N + i) C H W): a
+    batch of consecutive images is one augment call per t, and the counts summed over any split of the
+    folder equal one process's. ``on_batch(images)`` is called after each batch (the estimate)."""
+    class_idx = subset_indices(index.classes, train_classes)
+    use_de = denoiser is not None and len(timesteps) > 1
+    ts = list(timesteps) if use_de else [0]
+    ts = ts if ts[0] == 0 else [0, *ts]  # the plain prediction is always reported
+    members = [i for i, t in enumerate(ts) if not use_de or t in timesteps]
+    norm = {k: geometry[k] for k in ("mean", "std") if k in geometry}
+    counts = {"n": 0, "plain": 0, "de": 0, "by_t": {ts[i]: 0 for i in members} if use_de else {}}
+    block = block_of(len(index), w)
+    if not block:
+        return counts
+    model.eval()
+    first = block.start
+    for x, y in val_batches(index.subset(block), batch_size=batch_size, backend=backend, device=torch.device(device),
+                            **geometry):
+        numel = x[0].numel()
+        views = []
+        for k, t in enumerate(ts):
+            offset = ((k - 1) * len(index) + first) * numel  # k - 1: slot 0 is t = 0 (no noise)
+            view = x if t == 0 else augment(x, denoiser, t=t, seed=seed, offset=offset, **norm)
+            views.append(ensemble_probs(model, view, None, timesteps=[0], class_idx=class_idx,
+                                        autocast_dtype=autocast_dtype)[0])
+        probs = torch.stack(views)
+        y = y.to(probs.device)
+        counts["plain"] += int((probs[0].argmax(1) == y).sum())
+        counts["de"] += int((probs[members].mean(0).argmax(1) == y).sum())
+        if use_de:  # each member view alone
+            for i, c in zip(members, (probs[members].argmax(2) == y).sum(1).tolist(), strict=True):
+                counts["by_t"][ts[i]] += c
+        counts["n"] += len(y)
+        first += len(y)
+        if bar is not None:
+            bar.update(len(y))
+        if on_batch is not None:
+            on_batch(len(y))
+    return counts
+
+
+def top1_of(counts: list[dict], n_classes: int) -> dict:
+    """The processes' counts summed into ``ensemble.evaluate``'s result: n, top1 (%), and with DE top1_de and
+    top1_by_t."""
+    n = sum(c["n"] for c in counts)
+    if n == 0:
+        raise ValueError("evaluation saw no images")
+    res = {"n": n, "top1": 100.0 * sum(c["plain"] for c in counts) / n}
+    if counts[0]["by_t"]:
+        res["top1_de"] = 100.0 * sum(c["de"] for c in counts) / n
+        res["top1_by_t"] = {int(t): 100.0 * sum(c["by_t"][t] for c in counts) / n for t in counts[0]["by_t"]}
+    res["classes"] = n_classes
+    return res
+
+
+class _Estimate:
+    """Rank 0's time estimate from the second batch (the first pays for warm-up), all processes assumed alike."""
+
+    def __init__(self, total: int, procs: int, say):
+        self.total, self.procs, self.say, self.batches, self.t = total, procs, say, 0, time.perf_counter()
+
+    def __call__(self, images: int) -> None:
+        now = time.perf_counter()
+        self.batches += 1
+        if self.batches == 2:
+            rate = images / max(now - self.t, 1e-9)
+            self.say(f"\n  estimate from the second batch: {rate:.1f} images/s per process, about "
+                     f"{self.total / rate / self.procs / 60:.1f} min for all {self.total:,} images")
+        self.t = now
+
+
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     ood_sets, val_ood, groups, detectors = check_args(a)
+    w = init_distributed()
+    say = print if w.is_main else (lambda *args, **kw: None)
+    if ood_sets and w.size > 1:
+        raise SystemExit(f"--ood runs in one process, this is process {w.rank} of {w.size}: run the OOD tables "
+                         "without torchrun (--val and --imagenet-c are split across torchrun's processes)")
     out = Path(a.out)
-    check_out(out)
+    if w.is_main:
+        check_out(out)
     plan = plan_ood(a.ood_id or a.val[0], ood_sets, a.ood_val_id, val_ood, detectors) if ood_sets else None
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    jobs = top1_folders(a)
+    indexes = scan_folders(jobs, w)
+    device = w.device
+    amp = resolve_precision(a.precision, device)  # None: float32
     model, classes, info = load_classifier(a.ckpt, device, a.arch, a.classes)
     if (a.val or a.imagenet_c) and not info["classes_known"]:
         raise SystemExit(f"--ckpt {a.ckpt} is a bare state_dict without class names: pass --classes classes.json "
@@ -188,52 +328,66 @@ def main(argv: list[str] | None = None) -> dict:
         if a.unet is None:
             raise SystemExit("--de needs --unet CHECKPOINT (DiffAug needs a pretrained diffusion model)")
         try:
-            den = df.load_denoiser(a.unet, a.unet_preset, device=device)
+            # the training's fast UNet (eps rows only, fused GroupNorm+SiLU on CPU): DE needs only eps; the
+            # default options ran DE at 0.82x the bare forward, these at ~0.95x (bench/bench_paths.py)
+            den = df.load_denoiser(a.unet, a.unet_preset, device=device, dtype=amp or torch.float32, **FAST_UNET)
         except df.CheckpointError as e:
             raise SystemExit(f"--unet {a.unet}: {e}") from None
-    amp = fast_half_dtype(device) if a.amp else None  # None: no native half precision here, float32
     view = eval_geometry(info["crop_size"], a.eval_crop_ratio or info["crop_ratio"],
                          a.interpolation or info["interpolation"])
     given = a.eval_crop_ratio is not None or a.interpolation is not None
     protocol = f"{protocol_text(view)}, {'set by the flags' if given else info['protocol']}"
-    print(f"evaluation view (every table below): {protocol}")
+    say(f"evaluation view (every table below): {protocol}; precision {precision_name(amp)} ({a.precision})")
     geometry = dict(mean=info["mean"], std=info["std"], num_workers=a.workers, **view)
     kw = dict(batch_size=a.batch_size, backend=a.loader, device=device, denoiser=den, timesteps=DE_TIMESTEPS,
               autocast_dtype=amp, seed=a.seed, **geometry)
     meta = {"ckpt": a.ckpt, "arch": info["arch"], "unet": a.unet, "de_timesteps": list(DE_TIMESTEPS) if den else [],
             "protocol": protocol, "crop_size": view["crop_size"], "resize_size": view["resize_size"],
-            "interpolation": view["interpolation"]}
+            "interpolation": view["interpolation"], "precision": precision_name(amp)}
 
     rows, summaries = [], {}
 
     def flush():
         write_table(rows, TOP1_FIELDS, {**meta, "imagenet_c": summaries}, out / "results")
 
-    for d in a.val:
+    total = sum(len(ix) for ix in indexes)
+    if jobs:
+        calls = f"{total:,} x {len(DE_TIMESTEPS) - 1} = {total * (len(DE_TIMESTEPS) - 1):,} UNet calls (DE)" if den \
+            else "no UNet calls (no --de)"
+        say(f"top-1 of {total:,} images in {len(jobs)} folder(s), {w.size} process(es): {calls}; time: estimated "
+            "after the second batch")
+    mine = sum(len(block_of(len(ix), w)) for ix in indexes)
+    bar = tqdm(total=mine, unit="img", desc="top-1" + (f" (rank 0 of {w.size})" if w.size > 1 else ""),
+               disable=not w.is_main or not jobs)
+    estimate = _Estimate(total, w.size, say)
+    tables: dict[str, list[dict]] = {d: [] for d in a.imagenet_c}
+    for j, ((flag, d, corruption, severity, folder), index) in enumerate(zip(jobs, indexes, strict=True)):
+        bar.set_postfix_str(str(folder)[-40:], refresh=False)
         try:
-            res = evaluate_folder(model, d, classes, **kw)
+            counts = count_correct(model, index, classes, w, bar=bar, on_batch=estimate, **kw)
+            res = top1_of(gather_objects(counts), len(index.classes))
         except ValueError as e:
-            raise SystemExit(f"--val {d}: {str(e).splitlines()[0]}") from None
-        rows.append({"dataset": d, "corruption": "", "severity": "", **res})
-        flush()
-        de = f", DE {res['top1_de']:.2f}%" if "top1_de" in res else ""
-        print(f"{d}: top-1 {res['top1']:.2f}%{de} ({res['n']} images, {res['classes']} classes; "
-              f"{protocol_text(view)})")
-    for d in a.imagenet_c:
-        def on_row(r, d=d):
-            rows.append({"dataset": d, **r})
+            raise SystemExit(f"{flag} {d}: {str(e).splitlines()[0]}") from None
+        rows.append({"dataset": d, "corruption": corruption, "severity": severity, **res})
+        if w.is_main:
             flush()
-
-        try:
-            table = evaluate_corruptions(model, d, classes, on_row=on_row, **kw)
-        except ValueError as e:
-            raise SystemExit(f"--imagenet-c {d}: {str(e).splitlines()[0]}") from None
-        summaries[d] = summarize_corruptions(table)
-        flush()
-        print_corruption_table(d, table, protocol_text(view))
-        print_corruption_summary(summaries[d])
+        if flag == "--val":
+            de = f", DE {res['top1_de']:.2f}%" if "top1_de" in res else ""
+            say(f"{d}: top-1 {res['top1']:.2f}%{de} ({res['n']} images, {res['classes']} classes; "
+                f"{protocol_text(view)})")
+            continue
+        tables[d].append({"corruption": corruption, "severity": severity, **res})
+        if jobs[j + 1:j + 2] and jobs[j + 1][:2] == (flag, d):
+            continue  # more folders of this tree to come
+        summaries[d] = summarize_corruptions(tables[d])
+        if w.is_main:
+            flush()
+            bar.clear()
+            print_corruption_table(d, tables[d], protocol_text(view))
+            print_corruption_summary(summaries[d])
+    bar.close()
     if rows:
-        print(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
+        say(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
     ood_rows = run_ood(a, fh, den, kw, plan, groups, detectors, out, meta, write_table) if plan else []
     return {"results": rows, "imagenet_c": summaries, "ood": ood_rows}
 

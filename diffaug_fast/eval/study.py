@@ -56,6 +56,7 @@ from ..corrupt import parse_corruptions, parse_severities
 from ..data.corruptions import ALL_CORRUPTIONS
 from ..data.synthetic import make_synthetic_dataset
 from ..diffusion.denoiser import sidecar_path
+from ..hardware import PRECISIONS, precision_name, resolve_precision
 from ..io import atomic_write_bytes
 from ..train.core import read_log
 from ..train.demo import DEMO_CONFIG, demo_unet
@@ -102,6 +103,7 @@ class StudySettings:
     eval_batch_size: int
     overwrite: bool
     progress: bool
+    eval_precision: str | None = None  # None: --train-args' --amp, on the classifier only
 
     def identity(self) -> dict:
         """What the results depend on (a rerun must match it); seeds, corruptions and severities only add work."""
@@ -111,7 +113,8 @@ class StudySettings:
             "train_denoiser": self.train_denoiser, "denoiser_steps": self.denoiser_steps if self.train_denoiser else None,
             "denoiser_args": list(self.denoiser_args) if self.train_denoiser else None,
             "train_args": list(self.train_args), "methods": list(self.methods), "de_timesteps": list(self.de_timesteps),
-            "dda": dataclasses.asdict(self.dda), "max_images": self.max_images}))
+            "dda": dataclasses.asdict(self.dda), "max_images": self.max_images,
+            **({"eval_precision": self.eval_precision} if self.eval_precision else {})}))
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
@@ -152,7 +155,12 @@ def _parser() -> argparse.ArgumentParser:
     a("--max-images", type=int, default=None, help="evaluate at most N images per split: a class-balanced, "
                                                    "deterministic subset (the same files in every split)")
     a("--eval-batch-size", type=int, default=64, help="evaluation batch (default: 64)")
-    a("--overwrite", action="store_true", help="delete OUT's previous study (runs, results, tables) and start afresh")
+    a("--eval-precision", choices=(*PRECISIONS, "auto"), default=None,
+      help="DE's UNet and the classifiers in evaluation: auto = the device's native half precision (fp16 GPU, bf16 "
+           "on AMX / AVX512-BF16 CPUs, else fp32); default: the classifiers under --train-args' --amp, the UNet fp32")
+    a("--overwrite", action=argparse.BooleanOptionalAction, default=None,
+      help="delete OUT's previous study (runs, results, tables) and start afresh (--demo: the default; "
+           "--no-overwrite continues an interrupted demo)")
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return p
 
@@ -261,7 +269,8 @@ def parse_args(argv: list[str] | None = None) -> StudySettings:
         unet_preset=a.unet_preset, train_denoiser=a.train_denoiser, denoiser_steps=a.denoiser_steps,
         denoiser_args=tuple(shlex.split(a.denoiser_args)), seeds=a.seeds, train_args=train_args, methods=methods,
         de_timesteps=de_ts, dda=_dda_settings(a.dda, a.dda_steps), max_images=a.max_images, corruptions=corruptions,
-        severities=severities, eval_batch_size=a.eval_batch_size, overwrite=a.overwrite, progress=a.progress)
+        severities=severities, eval_batch_size=a.eval_batch_size, overwrite=bool(a.overwrite), progress=a.progress,
+        eval_precision=a.eval_precision)
 
 
 def recipe_settings(s: StudySettings):
@@ -397,6 +406,9 @@ def main(argv: list[str] | None = None) -> dict:
     ts = recipe_settings(s)
     prepare_out(s)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if s.eval_precision:  # refused or warned about before any training
+        print(f"evaluation precision: {precision_name(resolve_precision(s.eval_precision, device))} "
+              f"(--eval-precision {s.eval_precision})")
     unet = train_denoiser(s, ts) if s.train_denoiser else s.unet
     check_denoiser(s, unet, ts.image_size)
     record_settings(s)

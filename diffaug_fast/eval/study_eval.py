@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..constants import derive_seed
 from ..data.scan import DatasetIndex
 from ..diffusion.denoiser import Denoiser, load_denoiser
-from ..hardware import fast_half_dtype
+from ..hardware import fast_half_dtype, resolve_precision
 from ..io import atomic_write_bytes
 from ..ops.augment import augment
 from ..train.setup import FAST_UNET
@@ -139,7 +139,8 @@ def load_denoisers(s: StudySettings, unet: Path, device: torch.device) -> tuple[
             raise SystemExit(f"--unet {unet}: {str(e).splitlines()[0]}") from None
 
     # DE: the training's fast path (eps rows only); DDA: the full output (learned variance) and autograd
-    de = load(**FAST_UNET) if "de" in s.methods else None
+    half = resolve_precision(s.eval_precision, device) if s.eval_precision else None  # --eval-precision
+    de = load(**FAST_UNET, dtype=half or torch.float32) if "de" in s.methods else None
     dda = load() if {"dda", "dda_se"} & set(s.methods) else None
     return de, dda
 
@@ -189,7 +190,9 @@ def evaluate_seed(s: StudySettings, seed: int, runs: dict[str, Path], splits: li
             raise SystemExit(f"{p}: other classes or geometry than {s.data / 'train'} and {ckpts['baseline']} "
                              "(the study pairs them)")
         info = inf
-    parts = EvalParts(models, info, classes, *denoisers(), fast_half_dtype(device) if ts.amp else None, device)
+    amp = (resolve_precision(s.eval_precision, device) if s.eval_precision else
+           fast_half_dtype(device) if ts.amp else None)
+    parts = EvalParts(models, info, classes, *denoisers(), amp, device)
     bar = tqdm(total=len(splits), initial=len(done), desc=f"evaluating seed {seed}", unit="split",
                disable=not s.progress, dynamic_ncols=True)
     for sp in todo:
