@@ -368,6 +368,44 @@ def test_readme_command_at_a_tiny_size(tree, tmp_path, monkeypatch):
                                                                                                      "linear")
 
 
+def _readme_block(heading: str) -> list[str]:
+    """The commands of the first bash block under ``heading`` in the README, continuation lines joined and the
+    trailing comments cut."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split(heading, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    joined = re.sub(r"\\\n\s*", " ", block)
+    return [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip()]
+
+
+def _tiny(argv: list[str]) -> list[str]:
+    """A README command at a tiny size: the numbers that set its cost made small, nothing else changed."""
+    small = {"--steps": "2", "--batch-size": "2", "--image-size": "16"}
+    return [small.get(argv[i - 1], a) if i else a for i, a in enumerate(argv)] + ["--workers", "0", "--no-progress"]
+
+
+def test_readme_denoiser_block_runs_as_written(tree, tmp_path, monkeypatch):
+    """Every complete train_denoiser command of the README's "Train your own denoiser" block (those with "..."
+    are templates) runs as written on a class-folder DATA/train, each then continued by the block's --resume
+    line: only --steps, --batch-size and --image-size are made small."""
+    import shlex
+
+    cmds = [c for c in _readme_block("## Train your own denoiser") if "diffaug_fast.train_denoiser" in c]
+    runs = [c for c in cmds if "..." not in c]
+    assert len(runs) >= 2 and any("--resume" in c for c in cmds), cmds
+    shutil.copytree(tree, tmp_path / "DATA" / "train")
+    monkeypatch.chdir(tmp_path)
+    for cmd in runs:
+        argv = _tiny(shlex.split(cmd.split("diffaug_fast.train_denoiser", 1)[1]))
+        shutil.rmtree(tmp_path / "den", ignore_errors=True)
+        main(argv)
+        assert (tmp_path / "den" / "model.safetensors").is_file() and (tmp_path / "den" / "model.json").is_file()
+        more = [a if argv[i - 1] != "--steps" else "4" for i, a in enumerate(argv)]  # the --resume line, 2 more
+        main([*more, "--resume"])
+        assert json.loads((tmp_path / "den" / "model.json").read_text())["steps"] == 4
+
+
 # ---------------------------------------------------------------------------------------------------- 20.4: data path
 
 
