@@ -55,7 +55,7 @@ import torch
 from ..corrupt import parse_corruptions, parse_severities
 from ..data.corruptions import ALL_CORRUPTIONS
 from ..data.synthetic import make_synthetic_dataset
-from ..diffusion.denoiser import sidecar_path
+from ..diffusion.denoiser import read_sidecar, sidecar_path
 from ..hardware import PRECISIONS, precision_name, resolve_precision
 from ..io import atomic_write_bytes
 from ..train.core import read_log
@@ -77,7 +77,7 @@ CONTROLLED = ("data", "out", "run_name", "seed", "diffaug", "resume", "overwrite
               "recipe")
 SETTINGS_FILE = "settings.json"
 _OUTPUTS = ("runs", "results", "denoiser", "corrupted", "val_views", SETTINGS_FILE, "study.csv", "study.json",
-            "table.md", "study.png")
+            "table.md", "study.png", "views.png")
 
 
 @dataclass(frozen=True)
@@ -200,13 +200,15 @@ def _dda_settings(items: Sequence[str], steps: int | None) -> DDASettings:
 # of three families at every severity; plain and DiffAug Ensemble (DDA: --methods plain,de,dda_se).
 DEMO_TRAIN_ARGS = ("--arch resnet18 --epochs 8 --batch-size 32 --lr 0.1 --lr-step 6 --image-size 48 --resize-size 55 "
                    "--zero-init-residual --amp --val-c none")
-DEMO = dict(seeds=1, train_args=DEMO_TRAIN_ARGS, corruptions="noise,blur,digital", severities="1-5", max_images=100,
+# one seed of the README's 3-seed study (the same training), evaluated on fewer images and severities: ~8 min
+# on a 2-core AVX2 CPU (bench/NOTES.md), where the two classifiers' training takes ~6 of them
+DEMO = dict(seeds=1, train_args=DEMO_TRAIN_ARGS, corruptions="noise,blur,digital", severities="3,5", max_images=60,
             methods="plain,de", out=str(Path("runs") / "study-demo"))
 
 
 def _demo_defaults(a: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
-    """--demo: the demo's data and denoiser (made once, cached) and DEMO's values for every flag not given;
-    each run starts afresh (the demo is re-runnable), unless --resume-demo."""
+    """--demo: the demo's data (made once, cached), its shipped denoiser and DEMO's values for every flag not
+    given; each run starts afresh (the demo is re-runnable) unless --no-overwrite is given (then it continues)."""
     given = {arg.split("=")[0].lstrip("-").replace("-", "_") for arg in argv if arg.startswith("--")}
     for k, v in DEMO.items():
         if k not in given:
@@ -215,7 +217,13 @@ def _demo_defaults(a: argparse.Namespace, argv: list[str]) -> argparse.Namespace
         a.data = str(make_synthetic_dataset())
     if not (a.unet or a.train_denoiser):
         a.unet = str(demo_unet(a.data))
-    a.overwrite = True
+        if (side := read_sidecar(a.unet)) is not None and side[2].get("held_out_psnr"):
+            meta = side[2]
+            print(f"the demo's denoiser: {a.unet} ({meta['steps']} steps of python -m diffaug_fast.train_denoiser, seed "
+                  f"{meta['seed']}; {sidecar_path(a.unet).name} holds the command); held-out one-step PSNR gain "
+                  + ", ".join(f"t={r['t']} {r['gain']:+.1f} dB" for r in meta["held_out_psnr"]))
+    if a.overwrite is None:
+        a.overwrite = True
     return a
 
 
@@ -300,7 +308,10 @@ def prepare_out(s: StudySettings) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-    s.out.mkdir(parents=True, exist_ok=True)
+    try:
+        s.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {s.out}: cannot create it ({e.strerror or e}); give a writable folder") from None
     path = s.out / SETTINGS_FILE
     now = s.identity()
     if path.is_file():
@@ -438,4 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"settings": s.identity(), "seeds": list(range(s.seeds)), "denoiser": str(unet),
             "splits": [sp.name for sp in splits], "device": str(device)}
     summary = write_outputs(s, results, meta)
+    views = s.out / "runs" / f"{TRAININGS[1]}-seed0" / "diffaug_views.png"  # the DiffAug run's grid of its views
+    if views.is_file():
+        shutil.copyfile(views, s.out / "views.png")
+        print(f"the DiffAug views its classifier trained on (one image per class, t = 0 .. 999): {s.out / 'views.png'}")
     return {"summary": summary, "rows": result_rows(results), "out": str(s.out)}

@@ -4,6 +4,7 @@ trained on those images by our own code (once, cached beside them), and the demo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 from ..constants import UNIT_MEAN, UNIT_STD
 from ..data import build_loader, scan_dataset
 from ..data.synthetic import make_synthetic_dataset
-from ..diffusion.denoiser import load_denoiser, sidecar_path
+from ..diffusion.denoiser import load_denoiser, read_sidecar, sidecar_path
 from ..diffusion.loss import format_psnr_table, psnr_table
 from ..diffusion.unet import UNetConfig
 from .denoiser import main as train_denoiser_main
@@ -24,9 +25,7 @@ from .denoiser import main as train_denoiser_main
 __all__ = ["DEMO_CONFIG", "DemoSetup", "classifier_demo", "demo_denoiser", "demo_unet", "demo_psnr_report"]
 
 # The demo's denoiser: our guided family (resblock up/down, scale-shift norm), learned sigma, linear 1000 steps
-# (t over 0..999, DiffAug's range), no attention, 0.94 M parameters;
-# a 0.8 M UNet of this
-# family denoising held-out demo images by +7 to +10 dB at t = 50..250 after 87 steps (~2.5 min, 2 busy cores).
+# (t over 0..999, DiffAug's range), no attention, 0.94 M parameters.
 DEMO_CONFIG = UNetConfig(model_channels=32, num_res_blocks=1, channel_mult=(1, 1, 2), attention_ds=(),
                          resblock_updown=True, image_size=48, family="guided-diffusion")
 
@@ -61,26 +60,72 @@ def classifier_demo(run_name: str) -> DemoSetup:
 
 
 
-def demo_denoiser(data_root: str | os.PathLike, *, steps: int = 120, say=print) -> Path:
-    """The embedded demo's denoiser: trained once on ``data_root/train`` and cached beside the dataset.
+# The shipped demo denoiser: trained by our own code (the argv below, seed 0) on the demo's training images and
+# kept in the package (3.7 MB), so the demo starts with a denoiser that denoises: one-step x0 keeps the shapes
+# at t = 500 (a 120-step one, all a first run could afford, returned noise there). ``make demo-denoiser``
+# retrains it and compares the weights bit for bit (same CPU class and thread count: float sums differ with them).
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SHIPPED = ASSETS / "demo_denoiser.safetensors"
+DEMO_DENOISER_STEPS = 1500
+DEMO_DENOISER_THREADS = 2  # the shipped file was trained with OMP_NUM_THREADS=2 (make demo-denoiser sets it)
 
-    Returns the checkpoint path (``<data_root>.denoiser/model.pt`` with its .safetensors and .json). Trained
-    with a fixed seed; the exact command is recorded in the sidecar. Built in a temporary folder that is
-    renamed at the end, so a killed first run never leaves a half checkpoint behind. Trains in this process
-    alone: under torchrun call it on rank 0 only and broadcast the path (the other ranks wait at a barrier).
+
+def demo_denoiser_argv(data_root: str | os.PathLike, steps: int, out: str | os.PathLike) -> list[str]:
+    """The exact train_denoiser command line of the demo's denoiser (the shipped one used steps = 1500)."""
+    data_root = Path(data_root)
+    return ["--data", str(data_root / "train"), "--val", str(data_root / "val"),
+            "--config", json.dumps({k: getattr(DEMO_CONFIG, k) for k in (
+                "model_channels", "num_res_blocks", "channel_mult", "attention_ds", "resblock_updown")}),
+            "--image-size", str(DEMO_CONFIG.image_size), "--steps", str(steps), "--batch-size", "32",
+            "--lr", "2e-3", "--ema-rate", "0.999", "--seed", "0", "--eval-every", str(min(250, steps)),
+            "--log-every", str(min(50, steps)), "--save-every", str(min(100, steps)), "--workers", "0",
+            "--no-progress", "--out", str(out)]
+
+
+def train_content_sha256(data_root: str | os.PathLike) -> str:
+    """sha256 over the demo's training files (relative path and bytes, in sorted order): the data fingerprint
+    the shipped denoiser records (its JPEG bytes depend on the Pillow build that wrote them)."""
+    train = Path(data_root) / "train"
+    h = hashlib.sha256()
+    for f in sorted(p for p in train.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(train)}\n".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def shipped_denoiser(data_root: str | os.PathLike, say=print) -> Path | None:
+    """The shipped checkpoint when it was trained on this demo dataset (same generator, size, counts and seed:
+    the folder name), else None. Bytes that differ (another Pillow's JPEG encoder) are said in one line: the
+    images are the same drawings, so it still denoises them."""
+    side = read_sidecar(SHIPPED) if SHIPPED.is_file() else None
+    if side is None or side[2].get("demo_data") != Path(data_root).name:
+        return None
+    if side[2].get("train_sha256") != train_content_sha256(data_root):
+        say(f"note: the demo's training images differ in their bytes from those {SHIPPED.name} was trained on "
+            "(another JPEG encoder?); it is used anyway (same drawings, same seed)")
+    return SHIPPED
+
+
+def demo_denoiser(data_root: str | os.PathLike, *, steps: int | None = None, say=print) -> Path:
+    """The embedded demo's denoiser: the shipped one when it was trained on this dataset (``steps`` None), else
+    trained once on ``data_root/train`` (``steps``, default DEMO_DENOISER_STEPS) and cached beside the dataset.
+
+    Returns the checkpoint path (``<data_root>.denoiser-<steps>/model.pt`` with its .safetensors and .json when
+    trained). Trained with a fixed seed; the exact command is recorded in the sidecar. Built in a temporary
+    folder that is renamed at the end, so a killed first run never leaves a half checkpoint behind. Trains in
+    this process alone: under torchrun call it on rank 0 only and broadcast the path.
     """
     data_root = Path(data_root)
+    if steps is None:
+        if (shipped := shipped_denoiser(data_root, say)) is not None:
+            return shipped
+        steps = DEMO_DENOISER_STEPS
     final = data_root.parent / f"{data_root.name}.denoiser-{steps}"
     ckpt = final / "model.pt"
     if sidecar_path(ckpt).is_file():
         return ckpt
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
-    argv = ["--data", str(data_root / "train"), "--val", str(data_root / "val"),
-            "--config", json.dumps({k: getattr(DEMO_CONFIG, k) for k in (
-                "model_channels", "num_res_blocks", "channel_mult", "attention_ds", "resblock_updown")}),
-            "--image-size", str(DEMO_CONFIG.image_size), "--steps", str(steps), "--batch-size", "32",
-            "--lr", "2e-3", "--ema-rate", "0.95", "--seed", "0", "--eval-every", str(steps), "--log-every", "10",
-            "--workers", "0", "--out", str(tmp / "model.pt")]
+    argv = demo_denoiser_argv(data_root, steps, tmp / "model.pt")
     say(f"training the demo's denoiser once ({steps} steps; cached in {final}): python -m "
         f"diffaug_fast.train_denoiser {' '.join(argv)}")
     start = time.perf_counter()
@@ -97,7 +142,7 @@ def demo_denoiser(data_root: str | os.PathLike, *, steps: int = 120, say=print) 
 
 
 def demo_unet(data_root: str | os.PathLike, say=print) -> Path:
-    """The demo's denoiser for the data at ``data_root``: trained once by :func:`demo_denoiser`, cached."""
+    """The demo's denoiser for the data at ``data_root``: the shipped one, else trained once and cached."""
     return demo_denoiser(data_root, say=say)
 
 
