@@ -441,7 +441,7 @@ def test_demo_defaults_sit_under_the_given_flags(env, tmp_path, monkeypatch):
     monkeypatch.setattr(study, "demo_unet", lambda data: unet)
     s = study.parse_args(["--demo", "--out", str(tmp_path / "o"), "--seeds", "2", "--unet-preset", "adm-tiny"])
     assert (s.data, s.unet, s.out, s.seeds) == (root.resolve(), unet.resolve(), (tmp_path / "o").resolve(), 2)
-    assert s.overwrite and s.max_images == 60 and s.methods == ("plain", "de") and s.severities == (3, 5)
+    assert not s.overwrite and s.max_images == 60 and s.methods == ("plain", "de") and s.severities == (3, 5)
     assert set(s.corruptions) == set(FAMILIES["noise"] + FAMILIES["blur"] + FAMILIES["digital"])
     assert "--arch resnet18" in " ".join(s.train_args) and "--amp" in s.train_args
     s = study.parse_args(["--demo", "--out", str(tmp_path / "o"), "--max-images", "8", "--methods", "plain",
@@ -498,3 +498,25 @@ def test_runs_on_a_folder_of_real_photos(env, tmp_path):
             if r["corruption"] == "contrast":
                 pred = z[f"pred_{r['training']}_{r['method']}"]
                 assert float(r["top1"]) == pytest.approx(100.0 * float(np.mean(pred == z["label"])))
+
+
+def test_demo_reruns_continue_and_restart_only_a_demo_of_other_settings(env, tmp_path, monkeypatch):
+    """--demo in an OUT holding a demo with the same settings continues it (finished work reused); a demo with
+    other settings is started afresh; a study of other data there is never deleted (prepare_out refuses it)."""
+    root, unet = env
+    monkeypatch.setattr(study, "make_synthetic_dataset", lambda: root)
+    monkeypatch.setattr(study, "demo_unet", lambda data: unet)
+    out = tmp_path / "o"
+    argv = ["--demo", "--out", str(out), "--unet-preset", "adm-tiny"]
+    s = study.parse_args(argv)
+    out.mkdir()
+    (out / study.SETTINGS_FILE).write_text(json.dumps(s.identity()))
+    assert not study.parse_args(argv).overwrite
+    assert study.parse_args([*argv, "--overwrite"]).overwrite
+    (out / study.SETTINGS_FILE).write_text(json.dumps(s.identity() | {"max_images": 7}))
+    assert study.parse_args(argv).overwrite
+    (out / study.SETTINGS_FILE).write_text(json.dumps(s.identity() | {"data": "/somewhere/else"}))
+    s = study.parse_args(argv)
+    assert not s.overwrite
+    with pytest.raises(SystemExit, match="holds a study with other settings"):
+        study.prepare_out(s)

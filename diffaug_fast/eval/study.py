@@ -159,8 +159,8 @@ def _parser() -> argparse.ArgumentParser:
       help="DE's UNet and the classifiers in evaluation: auto = the device's native half precision (fp16 GPU, bf16 "
            "on AMX / AVX512-BF16 CPUs, else fp32); default: the classifiers under --train-args' --amp, the UNet fp32")
     a("--overwrite", action=argparse.BooleanOptionalAction, default=None,
-      help="delete OUT's previous study (runs, results, tables) and start afresh (--demo: the default; "
-           "--no-overwrite continues an interrupted demo)")
+      help="delete OUT's previous study (runs, results, tables) and start afresh (--demo: automatic when OUT "
+           "holds a demo with other settings; a finished demo is reused and its table reprinted)")
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     return p
 
@@ -196,19 +196,20 @@ def _dda_settings(items: Sequence[str], steps: int | None) -> DDASettings:
 
 
 # The embedded demo: sized for minutes on 2 CPU cores. The classifiers are the rn50 recipe's demo (ResNet-18,
-# 8 epochs of 50 steps at 48 px, lr 0.1 then 0.01); 100 val images per split (25 per class); the corruptions
-# of three families at every severity; plain and DiffAug Ensemble (DDA: --methods plain,de,dda_se).
+# 8 epochs of 50 steps at 48 px, lr 0.1 then 0.01); 60 val images per split (15 per class); the corruptions
+# of three families at severities 3 and 5; plain and DiffAug Ensemble (DDA: --methods plain,de,dda_se).
 DEMO_TRAIN_ARGS = ("--arch resnet18 --epochs 8 --batch-size 32 --lr 0.1 --lr-step 6 --image-size 48 --resize-size 55 "
                    "--zero-init-residual --amp --val-c none")
-# one seed of the README's 3-seed study (the same training), evaluated on fewer images and severities: ~8 min
-# on a 2-core AVX2 CPU (bench/NOTES.md), where the two classifiers' training takes ~6 of them
+# Seed 0 of the README's 3-seed study (the same trainings), evaluated on fewer images and severities: 8.5 min
+# on a 2-core AVX2 CPU (README), where the two classifiers' training takes ~6 of them
 DEMO = dict(seeds=1, train_args=DEMO_TRAIN_ARGS, corruptions="noise,blur,digital", severities="3,5", max_images=60,
             methods="plain,de", out=str(Path("runs") / "study-demo"))
 
 
 def _demo_defaults(a: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
     """--demo: the demo's data (made once, cached), its shipped denoiser and DEMO's values for every flag not
-    given; each run starts afresh (the demo is re-runnable) unless --no-overwrite is given (then it continues)."""
+    given. A rerun continues the demo in --out (finished trainings and results are reused, so it reprints the
+    table); a demo there with other settings is started afresh (``_demo_overwrite``), anything else refused."""
     given = {arg.split("=")[0].lstrip("-").replace("-", "_") for arg in argv if arg.startswith("--")}
     for k, v in DEMO.items():
         if k not in given:
@@ -222,9 +223,18 @@ def _demo_defaults(a: argparse.Namespace, argv: list[str]) -> argparse.Namespace
             print(f"the demo's denoiser: {a.unet} ({meta['steps']} steps of python -m diffaug_fast.train_denoiser, seed "
                   f"{meta['seed']}; {sidecar_path(a.unet).name} holds the command); held-out one-step PSNR gain "
                   + ", ".join(f"t={r['t']} {r['gain']:+.1f} dB" for r in meta["held_out_psnr"]))
-    if a.overwrite is None:
-        a.overwrite = True
     return a
+
+
+def _demo_overwrite(s: StudySettings) -> bool:
+    """--demo without --overwrite/--no-overwrite: start OUT afresh only when it holds a demo (a study of the demo's
+    data) with other settings; a user's own study there is refused by ``prepare_out`` as any rerun would be."""
+    path = s.out / SETTINGS_FILE
+    try:
+        before = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return False
+    return before is not None and before.get("data") == str(s.data) and before != s.identity()
 
 
 def parse_args(argv: list[str] | None = None) -> StudySettings:
@@ -272,13 +282,16 @@ def parse_args(argv: list[str] | None = None) -> StudySettings:
                        tuple(c.strip() for c in a.corruptions.split(",") if c.strip()))
     severities = parse_severities(a.severities) if a.severities else None
     train_args = tuple(shlex.split(a.train_args))
-    return StudySettings(
+    s = StudySettings(
         data=data, out=out, corrupted=corrupted, unet=Path(a.unet).resolve() if a.unet else None,
         unet_preset=a.unet_preset, train_denoiser=a.train_denoiser, denoiser_steps=a.denoiser_steps,
         denoiser_args=tuple(shlex.split(a.denoiser_args)), seeds=a.seeds, train_args=train_args, methods=methods,
         de_timesteps=de_ts, dda=_dda_settings(a.dda, a.dda_steps), max_images=a.max_images, corruptions=corruptions,
         severities=severities, eval_batch_size=a.eval_batch_size, overwrite=bool(a.overwrite), progress=a.progress,
         eval_precision=a.eval_precision)
+    if a.demo and a.overwrite is None:
+        s = dataclasses.replace(s, overwrite=_demo_overwrite(s))
+    return s
 
 
 def recipe_settings(s: StudySettings):
