@@ -18,26 +18,15 @@ Run:  python -m pytest bench/bench_dda.py --benchmark-only
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_test_helpers
 
 import diffaug_fast as df
 from diffaug_fast.eval.dda import DDASettings, adapt, unet_calls_per_image
-
-
-def _load_test_helpers():
-    """tests/conftest.py by path: `import conftest` would find bench/conftest.py."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("diffaug_tests_conftest", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = int(os.environ.get("BENCH_DDA_BATCH", "16"))
@@ -53,7 +42,7 @@ def _sync() -> None:
 
 @pytest.fixture(scope="module")
 def setup():
-    helpers = _load_test_helpers()
+    helpers = load_test_helpers()
     cfg = df.get_preset("adm-tiny")
     unet = helpers.randomize_(df.UNet(cfg)).to(DEVICE)  # random weights: a non-zero output and gradient
     den = df.Denoiser(unet)

@@ -26,15 +26,14 @@ Run:  OMP_NUM_THREADS=2 python -m pytest bench/bench_paths.py --benchmark-only
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from conftest import load_test_helpers
 from torch import nn
 
 import diffaug_fast as df
@@ -60,13 +59,6 @@ _BARE_ROUND: list[tuple[float, float]] = []  # (wall, CPU) seconds of the bare f
 _BARE_DEN: dict[str, object] = {}  # precision name -> the bare forward's Denoiser
 
 
-def _load_test_helpers():
-    """tests/conftest.py by path: `import conftest` would find bench/conftest.py."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("diffaug_tests_conftest", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _sync() -> None:
@@ -111,7 +103,7 @@ def _timed(benchmark, fn, bare=None) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def weights():
-    return _load_test_helpers().randomize_(df.UNet(DEMO_CONFIG), seed=0).state_dict()
+    return load_test_helpers().randomize_(df.UNet(DEMO_CONFIG), seed=0).state_dict()
 
 
 @pytest.fixture(scope="module")

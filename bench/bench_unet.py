@@ -24,30 +24,19 @@ takes many minutes) are skipped there unless DIFFAUG_BENCH_ALL=1. `make gpu-chec
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_test_helpers
 from torch.utils.flop_counter import FlopCounterMode
 
 import diffaug_fast as df
 from diffaug_fast.ops import reference
 
-
-def _load_test_helpers():
-    """tests/conftest.py by path: `import conftest` would find bench/conftest.py."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("diffaug_tests_conftest", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_helpers = _load_test_helpers()
+_helpers = load_test_helpers()
 oracle_model_and_diffusion, randomize_ = _helpers.oracle_model_and_diffusion, _helpers.randomize_
 
 SIZE = 224
