@@ -391,6 +391,7 @@ def train_runs(s: StudySettings, seed: int, unet: Path, say=print) -> dict[str, 
         run = s.out / "runs" / f"{training}-seed{seed}"
         runs[training] = run
         if _finished(run):
+            say(f"{run.name}: trained before in {run} (reused; --overwrite trains again)")
             continue
         argv = ["--data", str(s.data), "--out", str(run.parent), "--run-name", run.name, "--seed", str(seed),
                 "--diffaug", "off" if training == "baseline" else "online", "--no-de-eval", "--unet", str(unet),
