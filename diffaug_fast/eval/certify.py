@@ -37,6 +37,7 @@ round-robin when the run starts, so a resumed run keeps every process busy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -116,14 +117,22 @@ def parse_args(argv):
     return a
 
 
-def _write_or_exit(data: bytes, path: Path, kept: str) -> None:
+@contextlib.contextmanager
+def _full_disk_exits(folder: Path, doing: str, kept: str):
+    """A full disk (ENOSPC, EDQUOT) inside the block becomes one line: what was being done, what is kept, and
+    that rerunning the same command continues; other OS errors pass."""
     try:
-        atomic_write_bytes(data, path)
+        yield
     except OSError as e:
         if e.errno not in NO_SPACE:
             raise
-        raise SystemExit(f"no space left on the device of {path.parent} writing {path.name}: {kept}; free space "
-                         "and rerun the same command to continue") from None
+        raise SystemExit(f"no space left on the device of {folder} {doing}: {kept}; free space and rerun the same "
+                         "command to continue") from None
+
+
+def _write_or_exit(data: bytes, path: Path, kept: str) -> None:
+    with _full_disk_exits(path.parent, f"writing {path.name}", kept):
+        atomic_write_bytes(data, path)
 
 
 # ---------------------------------------------------------------------------------------------------- certifying
@@ -227,13 +236,8 @@ def write_table(out: Path, sigmas: list[float]) -> dict:
     kept = "every certified image is kept in the TSVs"
     _write_or_exit(("\n".join(lines) + "\n").encode(), out / "certified_accuracy.csv", kept)
     _write_or_exit(json.dumps(table, indent=1).encode(), out / "certified_accuracy.json", kept)
-    try:
+    with _full_disk_exits(out, "writing certified_accuracy.png", kept):
         plot(table, out / "certified_accuracy.png")
-    except OSError as e:
-        if e.errno not in NO_SPACE:
-            raise
-        raise SystemExit(f"no space left on the device of {out} writing certified_accuracy.png: {kept}; free "
-                         "space and rerun the same command to continue") from None
     print("certified top-1 % at L2 radius " + " ".join(f"{r:>6g}" for r in RADII))
     for line in lines[1:-1]:
         s, _, *vals = line.split(",")
@@ -390,14 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
 def _finish(out: Path, sigmas: list[float]) -> dict:
     """Rank 0: merge the processes' rank files into each sigma's TSV, then the table."""
     for sigma in sigmas:
-        try:
+        with _full_disk_exits(out, f"merging the rank files of sigma {sigma:g}", "every certificate is kept in them"):
             merge_ranks(out, sigma)
-        except OSError as e:
-            if e.errno not in NO_SPACE:
-                raise
-            raise SystemExit(f"no space left on the device of {out} merging the rank files of sigma {sigma:g}: "
-                             "every certificate is kept in them; free space and rerun the same command to "
-                             "continue") from None
     return write_table(out, sigmas)
 
 
